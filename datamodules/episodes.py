@@ -1,0 +1,150 @@
+"""N-way K-shot episode sampling from an in-memory class-major image array.
+
+Every episode is a pure function of ``(seed, stream, rank, index)``: its random generator is seeded from those four
+numbers (numpy ``SeedSequence``), so the episodes a run sees do not depend on the number of dataloader workers, and
+ranks, workers and splits never share a stream. Training streams are infinite; evaluation sets are a fixed, finite
+list of episodes, split across ranks and workers without padding so that every episode is evaluated exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lightning_mtl.batches import Episode
+
+#: stream ids mixed into the episode seeds so that splits never share random numbers.
+STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query episodes from ``images`` of shape ``(classes, samples, C, H, W)``.
+
+    Args:
+        images: uint8 array, class-major: ``images[c, i]`` is sample ``i`` of class ``c``.
+        ways: classes per episode (N).
+        shots: support examples per class (K).
+        queries: query examples per class (Q); support and query examples of a class are distinct samples.
+        meta_batch_size: episodes stacked into one :class:`~lightning_mtl.batches.Episode`.
+        name: what the classes are, used in error messages (e.g. ``"Omniglot vinyals/train"``).
+
+    Raises:
+        ValueError: an episode cannot be drawn from ``images`` with these settings.
+    """
+
+    def __init__(
+        self, images: np.ndarray, ways: int, shots: int, queries: int, meta_batch_size: int = 1, name: str = "dataset"
+    ) -> None:
+        if images.ndim != 5:
+            raise ValueError(f"{name}: images must have shape (classes, samples, C, H, W), got {images.shape}")
+        n_classes, n_samples = images.shape[:2]
+        counts = {"ways": ways, "shots": shots, "queries": queries, "meta_batch_size": meta_batch_size}
+        for arg, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name}: {arg} must be >= 1, got {value}")
+        if ways > n_classes:
+            raise ValueError(
+                f"{name}: {ways}-way episodes need {ways} classes but the split has only {n_classes}; "
+                f"lower the ways to at most {n_classes}."
+            )
+        if shots + queries > n_samples:
+            raise ValueError(
+                f"{name}: shots + queries = {shots} + {queries} = {shots + queries} exceeds the {n_samples} examples "
+                f"per class; lower shots or queries so that shots + queries <= {n_samples}."
+            )
+        self.images = images
+        self.ways, self.shots, self.queries, self.meta_batch_size = ways, shots, queries, meta_batch_size
+        self.name = name
+        self._support_y = torch.arange(ways).repeat_interleave(shots).expand(meta_batch_size, -1).contiguous()
+        self._query_y = torch.arange(ways).repeat_interleave(queries).expand(meta_batch_size, -1).contiguous()
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        classes = rng.choice(self.num_classes, self.ways, replace=False)  # (ways,)
+        # an independent permutation of the samples of each chosen class; first K support, next Q query
+        order = rng.random((self.ways, self.images.shape[1])).argsort(axis=1)[:, : self.shots + self.queries]
+        return self.images[classes[:, None], order]  # (ways, shots + queries, C, H, W)
+
+    def episode(self, rngs: list[np.random.Generator]) -> Episode:
+        """One meta-batch; ``rngs[b]`` draws episode ``b``."""
+        x = np.stack([self._draw(rng) for rng in rngs])  # (B, ways, K + Q, C, H, W)
+        b, k = len(rngs), self.shots
+        shape = x.shape[3:]
+        support = torch.from_numpy(np.ascontiguousarray(x[:, :, :k]).reshape(b, -1, *shape))
+        query = torch.from_numpy(np.ascontiguousarray(x[:, :, k:]).reshape(b, -1, *shape))
+        return Episode(support, self._support_y[:b], query, self._query_y[:b], self.ways)
+
+
+def episode_rng(seed: int, stream: str, rank: int, index: int) -> np.random.Generator:
+    """The generator of episode ``index`` of ``stream`` on ``rank``."""
+    return np.random.default_rng([seed, STREAMS[stream], rank, index])
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class EpisodeStream(IterableDataset):
+    """Infinite, seeded training episodes for one rank.
+
+    Meta-batch ``j`` of rank ``r`` holds episodes ``j * B .. j * B + B - 1`` of stream ``(seed, "train", r)``.
+    Worker ``w`` of ``W`` yields the meta-batches ``j ≡ w (mod W)`` and the DataLoader interleaves workers in that same
+    round-robin order, so the sequence is identical for any number of workers.
+
+    Args:
+        sampler: draws the episodes.
+        seed: base seed of the run.
+        rank: global rank of this process; each rank draws its own episodes.
+        start: index of the first meta-batch (to continue a stream).
+    """
+
+    def __init__(self, sampler: EpisodeSampler, seed: int, rank: int = 0, start: int = 0) -> None:
+        self.sampler, self.seed, self.rank, self.start = sampler, seed, rank, start
+
+    def __iter__(self) -> Iterator[Episode]:
+        worker, workers = _worker()
+        b = self.sampler.meta_batch_size
+        j = self.start + worker
+        while True:
+            yield self.sampler.episode([episode_rng(self.seed, "train", self.rank, j * b + i) for i in range(b)])
+            j += workers
+
+
+class FixedEpisodes(IterableDataset):
+    """A fixed evaluation set of ``num_episodes`` episodes, identical for every run, model and world size.
+
+    Episode ``i`` depends only on ``(seed, stream, i)``. The set is cut into meta-batches of ``sampler.meta_batch_size``
+    consecutive episodes (the last may be smaller); rank ``r`` of ``R`` takes meta-batches ``r, r + R, ...`` and its
+    workers split those further, so each episode is evaluated exactly once across all processes, with no padding.
+    """
+
+    def __init__(
+        self, sampler: EpisodeSampler, num_episodes: int, seed: int, stream: str, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if num_episodes < 1:
+            raise ValueError(f"{sampler.name}: the number of {stream} episodes must be >= 1, got {num_episodes}")
+        self.sampler, self.num_episodes, self.seed, self.stream = sampler, num_episodes, seed, stream
+        self.rank, self.world_size = rank, world_size
+
+    def _batches(self) -> range:
+        n_batches = math.ceil(self.num_episodes / self.sampler.meta_batch_size)
+        return range(self.rank, n_batches, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[Episode]:
+        worker, workers = _worker()
+        b = self.sampler.meta_batch_size
+        for j in self._batches()[worker::workers]:
+            indices = range(j * b, min((j + 1) * b, self.num_episodes))
+            # the eval stream ignores the rank: episode i is the same whichever process draws it
+            yield self.sampler.episode([episode_rng(self.seed, self.stream, 0, i) for i in indices])

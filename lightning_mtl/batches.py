@@ -1,0 +1,47 @@
+"""Typed batches passed from datamodules to modules."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+
+class Episode(NamedTuple):
+    """A meta-batch of N-way K-shot Q-query classification episodes.
+
+    All tensors carry a leading meta-batch dimension ``B`` (``B == 1`` for a single episode). Images are stored as
+    ``uint8`` by the datamodules (modules convert them on the device) but any floating dtype is accepted.
+
+    Attributes:
+        support_x: ``(B, ways * shots, C, H, W)`` support images.
+        support_y: ``(B, ways * shots)`` labels in ``0 .. ways - 1``.
+        query_x: ``(B, ways * queries, C, H, W)`` query images, disjoint from the support images.
+        query_y: ``(B, ways * queries)`` labels in ``0 .. ways - 1``.
+        ways: number of classes per episode, as a Python int so that no device synchronisation is needed to read it.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    ways: int
+
+    @property
+    def meta_batch_size(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def shots(self) -> int:
+        return self.support_x.shape[1] // self.ways
+
+    @property
+    def queries(self) -> int:
+        return self.query_x.shape[1] // self.ways
+
+    def task(self, i: int) -> Episode:
+        """Episode ``i`` of the meta-batch, keeping a meta-batch dimension of 1."""
+        return Episode(
+            self.support_x[i : i + 1], self.support_y[i : i + 1], self.query_x[i : i + 1], self.query_y[i : i + 1],
+            self.ways,
+        )

@@ -1,0 +1,43 @@
+"""Callbacks used by the recipes."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class EpisodeThroughput(Callback):
+    """Shows training episodes per second on the progress bar (``train/episodes_per_s``).
+
+    Measured on the host between consecutive batch ends (so it includes data loading), smoothed with an exponential
+    moving average; it adds no device synchronisation.
+
+    Args:
+        smoothing: weight of the newest measurement in the moving average.
+    """
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        self.smoothing = smoothing
+        self._last: float | None = None
+        self._rate: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None and now > self._last:
+            episodes = getattr(batch, "meta_batch_size", 1) * trainer.world_size
+            rate = episodes / (now - self._last)
+            self._rate = rate if self._rate is None else self.smoothing * rate + (1 - self.smoothing) * self._rate
+        self._last = now
+        if self._rate is not None:
+            pl_module.log("train/episodes_per_s", self._rate, prog_bar=True, on_step=True, on_epoch=False,
+                          batch_size=1, rank_zero_only=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation time is not training time

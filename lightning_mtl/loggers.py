@@ -1,0 +1,87 @@
+"""A Weights & Biases logger that never stops a run: it goes offline by itself when W&B cannot be reached."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+def _wandb_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+
+
+def wandb_offline_reason(timeout: float = 2.0) -> str | None:
+    """Why W&B must run offline (no API key, no network, or WANDB_MODE), or ``None`` when online is possible."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return f"WANDB_MODE={mode}"
+    host = _wandb_host()
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators(host) is not None
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            has_key = False
+    if not has_key:
+        return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} is unreachable ({e.__class__.__name__})"
+    return None
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger` that decides online/offline by itself.
+
+    With ``offline=None`` (default) the run logs online when an API key and the W&B host are available and offline
+    otherwise, with one warning; if an online start fails anyway, it restarts offline. Offline runs can be uploaded
+    later with ``wandb sync``.
+
+    Args:
+        project: W&B project.
+        name: display name of the run.
+        save_dir: directory of the local W&B files.
+        offline: ``True``/``False`` to force a mode, ``None`` to decide automatically.
+        log_model: upload checkpoints as W&B artifacts (online only).
+        entity: W&B entity (user or team).
+        tags: run tags.
+    """
+
+    def __init__(
+        self,
+        project: str = "lightning-mtl",
+        name: str | None = None,
+        save_dir: str = "runs",
+        offline: bool | None = None,
+        log_model: bool = False,
+        entity: str | None = None,
+        tags: list[str] | None = None,
+    ) -> None:
+        reason = wandb_offline_reason() if offline is None else None
+        if reason is not None:
+            rank_zero_warn(f"W&B logging offline: {reason}. Upload later with `wandb sync {save_dir}/wandb`.")
+        go_offline = bool(offline) or reason is not None
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(
+            name=name, save_dir=save_dir, offline=go_offline, project=project,
+            log_model=log_model and not go_offline, entity=entity, tags=tags,
+        )
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        try:
+            return super().experiment
+        except Exception as e:  # W&B refused the run (bad key, outage): keep training, log locally
+            if self._offline:
+                raise
+            rank_zero_warn(f"W&B could not start online ({e.__class__.__name__}: {e}); logging offline instead.")
+            self._offline, self._log_model, self._experiment = True, False, None
+            return super().experiment

@@ -1,0 +1,100 @@
+"""The episodic base class shared by every meta-learner."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import CatMetric
+
+from lightning_mtl.batches import Episode
+
+
+class EpisodicModule(L.LightningModule):
+    """Base class of meta-learners trained and evaluated on :class:`~lightning_mtl.batches.Episode` batches.
+
+    Subclasses implement :meth:`episode_logits`; this class turns the query logits into the cross-entropy loss and
+    logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_ci95``, ``test/acc``, ``test/acc_ci95``
+    (1.96 · std / sqrt(n) over the test episodes) and ``test/episodes``. Per-episode accuracies are gathered across
+    processes (uneven counts allowed), so under DDP the metrics cover exactly the fixed evaluation set.
+
+    Args:
+        optimizer: optimizer factory called with the parameters; default Adam with lr 1e-3.
+        lr_scheduler: optional scheduler factory called with the optimizer; it steps every training step (meta-batch).
+    """
+
+    def __init__(self, optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.episode_accs = torch.nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
+
+    # ---------------------------------------------------------------- to implement
+    def episode_logits(self, episode: Episode, stage: str) -> Tensor:
+        """Query logits ``(B, ways * queries, ways)`` of a meta-batch; ``stage`` is "train", "val" or "test"."""
+        raise NotImplementedError(f"{type(self).__name__} must implement episode_logits(episode, stage)")
+
+    # ---------------------------------------------------------------- shared machinery
+    @staticmethod
+    def images(x: Tensor) -> Tensor:
+        """uint8 images in [0, 255] → float in [0, 1]; floating inputs pass through."""
+        return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+    def _step(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
+        logits = self.episode_logits(episode, stage)  # (B, ways * queries, ways)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), episode.query_y.flatten())
+        accs = (logits.argmax(-1) == episode.query_y).float().mean(1)  # (B,) one accuracy per episode
+        return loss, accs
+
+    def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
+        loss, accs = self._step(episode, "train")
+        b = episode.meta_batch_size
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/acc", accs.mean(), prog_bar=True, batch_size=b)
+        return loss
+
+    def _eval_step(self, episode: Episode, stage: str) -> None:
+        loss, accs = self._step(episode, stage)
+        self.episode_accs[stage].update(accs)
+        self.log(f"{stage}/loss", loss, batch_size=episode.meta_batch_size, sync_dist=True)
+
+    def validation_step(self, episode: Episode, batch_idx: int) -> None:
+        self._eval_step(episode, "val")
+
+    def test_step(self, episode: Episode, batch_idx: int) -> None:
+        self._eval_step(episode, "test")
+
+    def _eval_epoch_end(self, stage: str) -> tuple[Tensor, Tensor, int]:
+        metric = self.episode_accs[stage]
+        accs = metric.compute() if metric.update_count else torch.zeros(0, device=self.device)  # gathered over ranks
+        metric.reset()
+        n = accs.numel()
+        mean = accs.mean() if n else torch.tensor(float("nan"), device=self.device)
+        ci95 = 1.96 * accs.std(unbiased=False) / math.sqrt(n) if n > 1 else torch.zeros((), device=self.device)
+        self.log(f"{stage}/acc", mean, prog_bar=True)
+        self.log(f"{stage}/acc_ci95", ci95)
+        return mean, ci95, n
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        mean, ci95, n = self._eval_epoch_end("test")
+        self.log("test/episodes", float(n))
+        rank_zero_info(f"test accuracy: {100 * mean.item():.2f}% ± {100 * ci95.item():.2f}% (95% CI over {n} episodes)")
+
+    def configure_optimizers(self):
+        optimizer = (
+            self.optimizer_factory(self.parameters())
+            if self.optimizer_factory is not None
+            else torch.optim.Adam(self.parameters(), lr=1e-3)
+        )
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

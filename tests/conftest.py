@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def real_data_root() -> Path | None:
+    """The real data folder: $LIGHTNING_MTL_DATA if it holds Omniglot, else ../shared/data; None when absent."""
+    for candidate in (os.environ.get("LIGHTNING_MTL_DATA"), SHARED_DATA):
+        if candidate and (Path(candidate) / "omniglot" / "images_background.zip").exists():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real Omniglot archives absent: set LIGHTNING_MTL_DATA to a folder holding omniglot/*.zip")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One writable cache for the whole session, so the real archives are decoded once."""
+    return Path(os.environ.get("LIGHTNING_MTL_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,0 +1,136 @@
+"""The few-shot recipe end to end: every config parses and runs a step; real-data fit + test (fp32, bf16-mixed,
+2-process DDP on CPU) on Omniglot."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "fewshot.py"
+CONFIGS = sorted((REPO / "recipes" / "configs" / "omniglot").glob("*.yaml"))
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("fewshot_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fewshot = load_recipe()
+
+
+def small_run_args(tmp_path: Path, config: str = "protonet_5w1s_quick.yaml", steps: int = 30) -> list[str]:
+    return [
+        "--config", str(REPO / "recipes" / "configs" / "omniglot" / config),
+        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.max_time=null",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}/logs",
+        "--trainer.enable_progress_bar=false",
+        f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.val_episodes=20", "--data.test_episodes=50",
+    ]
+
+
+@pytest.fixture
+def data_env(omniglot_root, cache_dir, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MTL_DATA", str(omniglot_root))
+    monkeypatch.setenv("LIGHTNING_MTL_CACHE", str(cache_dir))
+
+
+def test_configs_exist_and_open_with_launch_command():
+    names = {c.name for c in CONFIGS}
+    for method in ("protonet", "maml"):
+        for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
+            assert f"{method}_{setting}.yaml" in names and f"{method}_{setting}_quick.yaml" in names
+    assert "protonet_5w1s_demo.yaml" in names
+    for config in CONFIGS:
+        first = config.read_text().splitlines()[0]
+        assert first.startswith("# ") and "recipes/fewshot.py" in first or "make demo" in first, config
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fewshot.main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_mtl.meta." in printed and "precision:" in printed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_fast_dev_run(config, data_env, tmp_path):
+    cli = fewshot.main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.max_time=null",
+                        f"--checkpoint.dirpath={tmp_path}/ckpt", "--trainer.logger=false"])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_unknown_key_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        fewshot.main(["fit", "--config", str(CONFIGS[0]), "--data.init_args.wayz=5"])
+    assert "wayz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_real_fit_then_test_best_and_last(precision, data_env, tmp_path):
+    args = small_run_args(tmp_path) + [f"--trainer.precision={precision}"]
+    fit = fewshot.main(["fit", *args])
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    assert fit.trainer.callback_metrics["val/acc"] > 0.4  # 5-way chance is 0.2
+    for ckpt in ("best", "last"):
+        test = fewshot.main(["test", *args, f"--ckpt_path={ckpt}"])
+        metrics = test.trainer.callback_metrics
+        assert metrics["test/episodes"] == 50
+        assert 0.4 < metrics["test/acc"] <= 1 and 0 < metrics["test/acc_ci95"] < 0.1
+    metrics_files = list((tmp_path / "logs").rglob("metrics.csv"))
+    logged = {k for f in metrics_files for row in csv.DictReader(f.open()) for k, v in row.items() if v}
+    assert {"train/loss", "train/acc", "val/acc", "test/acc", "test/acc_ci95", "test/episodes"} <= logged
+
+
+def test_test_ckpt_best_without_fit_says_what_to_do(data_env, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `fit` with this config first"):
+        fewshot.main(["test", *small_run_args(tmp_path), "--ckpt_path=best"])
+
+
+def test_maml_real_fit_and_test(data_env, tmp_path):
+    args = small_run_args(tmp_path, "maml_5w1s_quick.yaml", steps=10) + ["--data.meta_batch_size=4"]
+    fewshot.main(["fit", *args])
+    test = fewshot.main(["test", *args, "--ckpt_path=last", "--model.eval_inner_steps=3"])
+    assert test.trainer.callback_metrics["test/episodes"] == 50
+    assert test.trainer.callback_metrics["test/acc"] > 0.3
+
+
+def _csv_metrics(folder: Path) -> dict[str, float]:
+    out = {}
+    for f in folder.rglob("metrics.csv"):
+        for row in csv.DictReader(f.open()):
+            out.update({k: float(v) for k, v in row.items() if v})
+    return out
+
+
+def _run(args: list[str], env: dict) -> None:
+    proc = subprocess.run([sys.executable, str(RECIPE), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_ddp_two_processes_fit_and_exact_eval_set(data_env, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    # 51 test episodes in meta-batches of 16 → 4 batches: uneven across the two ranks
+    args = small_run_args(tmp_path, steps=20) + ["--data.test_episodes=51"]
+    _run(["fit", *args, *ddp], env)
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    _run(["test", *args, *ddp, "--ckpt_path=last", f"--trainer.logger.save_dir={tmp_path}/ddp_test"], env)
+    _run(["test", *args, "--ckpt_path=last", f"--trainer.logger.save_dir={tmp_path}/single_test"], env)
+    ddp_metrics, single = _csv_metrics(tmp_path / "ddp_test"), _csv_metrics(tmp_path / "single_test")
+    assert ddp_metrics["test/episodes"] == single["test/episodes"] == 51
+    assert abs(ddp_metrics["test/acc"] - single["test/acc"]) < 1e-6
+    fit_metrics = _csv_metrics(tmp_path / "logs")
+    assert "train/loss" in fit_metrics and "val/acc" in fit_metrics
