@@ -33,9 +33,15 @@ def small_run_args(tmp_path: Path, config: str = "protonet_5w1s_quick.yaml", ste
         "--config", str(REPO / "recipes" / "configs" / "omniglot" / config),
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.max_time=null",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}/logs",
-        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=5",
         f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.val_episodes=20", "--data.test_episodes=50",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    """LightningCLI also looks at sys.argv; keep pytest's own arguments out of it."""
+    monkeypatch.setattr(sys, "argv", [str(RECIPE)])
 
 
 @pytest.fixture
@@ -67,6 +73,7 @@ def test_config_parses(config, capsys):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_fast_dev_run(config, data_env, tmp_path):
     cli = fewshot.main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.max_time=null",
+                        "--data.meta_batch_size=2", "--data.eval_meta_batch_size=2",
                         f"--checkpoint.dirpath={tmp_path}/ckpt", "--trainer.logger=false"])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
