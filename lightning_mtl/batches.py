@@ -38,10 +38,3 @@ class Episode(NamedTuple):
     @property
     def queries(self) -> int:
         return self.query_x.shape[1] // self.ways
-
-    def task(self, i: int) -> Episode:
-        """Episode ``i`` of the meta-batch, keeping a meta-batch dimension of 1."""
-        return Episode(
-            self.support_x[i : i + 1], self.support_y[i : i + 1], self.query_x[i : i + 1], self.query_y[i : i + 1],
-            self.ways,
-        )

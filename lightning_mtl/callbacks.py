@@ -35,7 +35,8 @@ class EpisodeThroughput(Callback):
             rate = episodes / (now - self._last)
             self._rate = rate if self._rate is None else self.smoothing * rate + (1 - self.smoothing) * self._rate
         self._last = now
-        if self._rate is not None:
+        every = trainer.log_every_n_steps
+        if self._rate is not None and every > 0 and trainer.global_step % every == 0:  # when step metrics flush
             pl_module.log("train/episodes_per_s", self._rate, prog_bar=True, on_step=True, on_epoch=False,
                           batch_size=1, rank_zero_only=True)
 

@@ -51,11 +51,29 @@ class EpisodicModule(L.LightningModule):
         accs = (logits.argmax(-1) == episode.query_y).float().mean(1)  # (B,) one accuracy per episode
         return loss, accs
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, Episode):  # direct, skipping the generic collection traversal
+            return Episode(*(t.to(device, non_blocking=True) for t in batch[:4]), batch.ways)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def logs_this_step(self) -> bool:
+        """Whether the trainer writes step metrics after this training step (every ``log_every_n_steps``).
+
+        Step metrics are only flushed then, and each ``self.log`` call costs ~0.4 ms of Python, so training steps log
+        only when it counts; ``train/*`` values are those of the step at which they are written.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
+
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
         loss, accs = self._step(episode, "train")
-        b = episode.meta_batch_size
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/acc", accs.mean(), prog_bar=True, batch_size=b)
+        if self.logs_this_step():
+            b = episode.meta_batch_size
+            self.log("train/loss", loss, prog_bar=True, batch_size=b)
+            self.log("train/acc", accs.mean(), prog_bar=True, batch_size=b)
         return loss
 
     def _eval_step(self, episode: Episode, stage: str) -> None:
@@ -71,13 +89,16 @@ class EpisodicModule(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> tuple[Tensor, Tensor, int]:
         metric = self.episode_accs[stage]
-        accs = metric.compute() if metric.update_count else torch.zeros(0, device=self.device)  # gathered over ranks
+        # an empty update keeps compute() (a collective under DDP) valid on a rank that evaluated no episode
+        metric.update(torch.zeros(0, device=self.device))
+        accs = metric.compute()  # per-episode accuracies of all ranks
         metric.reset()
         n = accs.numel()
         mean = accs.mean() if n else torch.tensor(float("nan"), device=self.device)
         ci95 = 1.96 * accs.std(unbiased=False) / math.sqrt(n) if n > 1 else torch.zeros((), device=self.device)
-        self.log(f"{stage}/acc", mean, prog_bar=True)
-        self.log(f"{stage}/acc_ci95", ci95)
+        # already identical on every rank; sync_dist only silences Lightning's epoch-level DDP warning
+        self.log(f"{stage}/acc", mean, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/acc_ci95", ci95, sync_dist=True)
         return mean, ci95, n
 
     def on_validation_epoch_end(self) -> None:
@@ -85,7 +106,7 @@ class EpisodicModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         mean, ci95, n = self._eval_epoch_end("test")
-        self.log("test/episodes", float(n))
+        self.log("test/episodes", float(n), sync_dist=True)
         rank_zero_info(f"test accuracy: {100 * mean.item():.2f}% ± {100 * ci95.item():.2f}% (95% CI over {n} episodes)")
 
     def configure_optimizers(self):

@@ -9,7 +9,6 @@ gets logits -||f(x) - c_k||^2 (squared Euclidean distance), trained with cross-e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -20,7 +19,8 @@ from lightning_mtl.nn import Conv4
 
 def prototypes(support: Tensor, labels: Tensor, ways: int) -> Tensor:
     """Class means ``(B, ways, D)`` of ``support`` ``(B, S, D)`` with ``labels`` ``(B, S)`` in ``0 .. ways - 1``."""
-    onehot = F.one_hot(labels, ways).to(support.dtype)  # (B, S, ways)
+    # a comparison instead of F.one_hot, whose bounds check synchronises the device every step
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(support.dtype)  # (B, S, ways)
     return onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)
 
 

@@ -209,3 +209,19 @@ def test_read_only_root_is_never_written(fake_root, tmp_path):
         for p in [fake_root, *fake_root.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
     assert not list(fake_root.rglob("*.pt"))
+
+
+def test_extracted_folders_match_archives(fake_root, tmp_path):
+    from_zip = dm(fake_root, tmp_path / "a")
+    from_zip.prepare_data()
+    from_zip.setup()
+    folder = fake_root / "omniglot"
+    for name in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(folder / f"{name}.zip") as zf:
+            zf.extractall(folder)
+        (folder / f"{name}.zip").unlink()
+    from_dirs = dm(fake_root, tmp_path / "b")
+    from_dirs.prepare_data()
+    from_dirs.setup()
+    for stage in ("train", "val", "test"):
+        np.testing.assert_array_equal(from_zip.samplers[stage].images, from_dirs.samplers[stage].images)

@@ -141,3 +141,17 @@ def test_ddp_two_processes_fit_and_exact_eval_set(data_env, tmp_path):
     assert abs(ddp_metrics["test/acc"] - single["test/acc"]) < 1e-6
     fit_metrics = _csv_metrics(tmp_path / "logs")
     assert "train/loss" in fit_metrics and "val/acc" in fit_metrics
+
+
+def test_default_wandb_logger_goes_offline_and_logs(data_env, tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, so no key: the logger must go offline by itself
+    config = str(REPO / "recipes" / "configs" / "omniglot" / "protonet_5w1s_demo.yaml")
+    with pytest.warns(UserWarning, match="W&B logging offline"):
+        fewshot.main(["fit", "--config", config, "--trainer.max_steps=10", "--trainer.val_check_interval=10",
+                      "--trainer.log_every_n_steps=5", f"--trainer.logger.init_args.save_dir={tmp_path}/wb",
+                      f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.val_episodes=16",
+                      "--trainer.enable_progress_bar=false"])
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
