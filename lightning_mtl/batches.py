@@ -7,6 +7,19 @@ from typing import NamedTuple
 from torch import Tensor
 
 
+class MultiTaskBatch(NamedTuple):
+    """A multi-task batch.
+
+    Attributes:
+        x: one input batch shared by every task (one dataset with several targets per sample), or a dict of
+            per-task input batches keyed by task name (several datasets combined).
+        targets: per-task targets keyed by task name; ``targets[name]`` has the batch size of that task's inputs.
+    """
+
+    x: Tensor | dict[str, Tensor]
+    targets: dict[str, Tensor]
+
+
 class Episode(NamedTuple):
     """A meta-batch of N-way K-shot Q-query classification episodes.
 

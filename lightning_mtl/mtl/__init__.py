@@ -1,0 +1,1 @@
+"""Multi-task learning: shared models, balancing methods and diagnostics."""

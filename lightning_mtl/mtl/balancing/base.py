@@ -1,0 +1,70 @@
+"""The two kinds of balancing methods a :class:`~lightning_mtl.mtl.MultiTaskModule` can hold.
+
+* :class:`LossWeighting` maps the per-task losses to one scalar loss (one backward pass).
+* :class:`GradientAggregator` maps a ``(tasks, dims)`` matrix of per-task gradients to one ``(dims,)`` update
+  direction (torchjd's ``Aggregator`` shape).
+
+Both are ``nn.Module`` s so that learnable parameters (uncertainty weighting's log-variances) and state (DWA's loss
+history, FAMO's logits) live in the module's ``state_dict`` and therefore in checkpoints. Every method is one file
+under ``lightning_mtl/mtl/balancing/`` registered with :func:`~lightning_mtl.mtl.balancing.register_balancer`;
+its constructor takes ``tasks`` (the task names, in the order of the gradient matrix rows) first, then typed
+hyper-parameters with defaults.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class LossWeighting(nn.Module):
+    """Per-task losses → one scalar loss.
+
+    Args:
+        tasks: task names; ``losses`` passed to :meth:`forward` must have exactly these keys.
+
+    Attributes:
+        weights: the ``(tasks,)`` weights used by the last :meth:`forward` (detached), for diagnostics.
+    """
+
+    #: whether :meth:`forward` needs ``shared_params`` (e.g. GradNorm differentiates task-gradient norms).
+    needs_shared_params: bool = False
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("a balancing method needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique, got {tasks}")
+        self.tasks = list(tasks)
+        self.weights: Tensor | None = None
+
+    def forward(self, losses: dict[str, Tensor], shared_params: list[Tensor] | None = None) -> Tensor:
+        """The scalar loss to back-propagate."""
+        raise NotImplementedError
+
+    def after_step(self, losses: dict[str, Tensor]) -> None:
+        """Called after the optimizer step with the detached losses of that step (history-based methods)."""
+
+
+class GradientAggregator(nn.Module):
+    """``(tasks, dims)`` per-task gradient matrix → ``(dims,)`` update direction.
+
+    Args:
+        tasks: task names, in the order of the matrix rows.
+
+    Attributes:
+        weights: for aggregators that combine rows linearly, the ``(tasks,)`` weights of the last call (detached);
+            ``None`` otherwise.
+    """
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("a balancing method needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique, got {tasks}")
+        self.tasks = list(tasks)
+        self.weights: Tensor | None = None
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,47 @@
+"""Balancing methods chosen by name (timm-style registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning_mtl.mtl.balancing.base import GradientAggregator, LossWeighting
+
+_REGISTRY: dict[str, type[LossWeighting] | type[GradientAggregator]] = {}
+
+
+def register_balancer(name: str) -> Callable[[type], type]:
+    """Class decorator: make a :class:`LossWeighting` or :class:`GradientAggregator` selectable as ``name``."""
+
+    def add(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"balancer {name!r} is already registered ({_REGISTRY[name].__name__})")
+        if not issubclass(cls, (LossWeighting, GradientAggregator)):
+            raise TypeError(f"{cls.__name__} must subclass LossWeighting or GradientAggregator")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def list_balancers(kind: str | None = None) -> list[str]:
+    """Registered names, optionally only ``"weighting"`` or ``"aggregator"`` ones."""
+    base = {None: (LossWeighting, GradientAggregator), "weighting": LossWeighting, "aggregator": GradientAggregator}
+    if kind not in base:
+        raise ValueError(f"kind must be 'weighting', 'aggregator' or None, got {kind!r}")
+    return sorted(n for n, cls in _REGISTRY.items() if issubclass(cls, base[kind]))
+
+
+def balancer_class(name: str) -> type[LossWeighting] | type[GradientAggregator]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown balancing method {name!r}; valid names: {', '.join(list_balancers())}")
+    return _REGISTRY[name]
+
+
+def create_balancer(name: str, tasks: list[str], **kwargs: Any) -> LossWeighting | GradientAggregator:
+    """Instantiate the method registered as ``name`` for ``tasks`` with its hyper-parameters ``kwargs``."""
+    cls = balancer_class(name)
+    try:
+        return cls(tasks, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"invalid arguments for balancing method {name!r} ({cls.__name__}): {e}") from e
