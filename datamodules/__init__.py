@@ -1,6 +1,20 @@
 """LightningDataModules of lightning-mtl, installed as ``lightning_mtl.datamodules``."""
 
 from lightning_mtl.datamodules.episodes import EpisodeSampler, EpisodeStream, FixedEpisodes
+from lightning_mtl.datamodules.multimnist import MultiMNIST, read_idx
+from lightning_mtl.datamodules.multitask import MultiTargetDataset, MultiTaskDataModule, TaskSplits
 from lightning_mtl.datamodules.omniglot import OmniglotEpisodes
+from lightning_mtl.datamodules.omniglot_alphabets import OmniglotAlphabets
 
-__all__ = ["EpisodeSampler", "EpisodeStream", "FixedEpisodes", "OmniglotEpisodes"]
+__all__ = [
+    "EpisodeSampler",
+    "EpisodeStream",
+    "FixedEpisodes",
+    "MultiMNIST",
+    "MultiTargetDataset",
+    "MultiTaskDataModule",
+    "OmniglotAlphabets",
+    "OmniglotEpisodes",
+    "TaskSplits",
+    "read_idx",
+]

@@ -16,40 +16,24 @@ Layout under the data root (``--data.root`` → ``$LIGHTNING_MTL_DATA`` → ``./
 
 Images are decoded once in ``prepare_data``, resized (Lanczos) to ``image_size`` and inverted so strokes are 255 on
 a 0 background, and cached as one uint8 tensor in the cache directory; the cache file name carries a hash of the
-source archives and the settings, so changed sources or settings produce a new cache.
+source archives and the settings, so changed sources or settings produce a new cache. Decoding and caching live in
+``_omniglot_archives.py``, shared with :class:`~lightning_mtl.datamodules.OmniglotAlphabets`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
 import re
-import warnings
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
-from lightning_mtl.datamodules._download import DownloadError, download_file, file_digest
+from lightning_mtl.datamodules._omniglot_archives import DRAWINGS_PER_CHARACTER, OmniglotArchives
 from lightning_mtl.datamodules._paths import resolve_cache_dir, resolve_data_root
 from lightning_mtl.datamodules.episodes import EpisodeSampler, EpisodeStream, FixedEpisodes
 
-ARCHIVES = ("images_background", "images_evaluation")
-DRAWINGS_PER_CHARACTER = 20
-# Official archives (github.com/brendenlake/omniglot) and their md5 digests.
-ARCHIVE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{name}.zip"
-ARCHIVE_MD5 = {
-    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
-    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
-}
 # Vinyals split lists as published with Snell et al.'s prototypical-networks code.
 SPLIT_URL = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals/{split}.txt"
 SPLIT_SHA256 = {
@@ -58,7 +42,6 @@ SPLIT_SHA256 = {
     "test": "845264cc5c156180828ccf17915668b17ee21424d0170df6e7d81676aa5d1204",
     "trainval": "5276ae50c755596d0bff7f2284e85625695549a85ee6e36b6491ad1e5d1cc26a",
 }
-CACHE_VERSION = 1
 _SPLIT_LINE = re.compile(r"^(?P<char>[^/]+/character\d+)/rot(?P<rot>000|090|180|270)$")
 
 
@@ -129,146 +112,33 @@ class OmniglotEpisodes(L.LightningDataModule):
         self.save_hyperparameters()
         self.root = resolve_data_root(root)
         self.cache_dir = resolve_cache_dir(cache_dir)
+        self.archives = OmniglotArchives(self.root, self.cache_dir, image_size, download)
         self.samplers: dict[str, EpisodeSampler] = {}
 
     # ------------------------------------------------------------------ sources
     @property
     def omniglot_dir(self) -> Path:
-        return self.root / "omniglot"
-
-    def _source(self, name: str) -> Path | None:
-        for candidate in (self.omniglot_dir / f"{name}.zip", self.omniglot_dir / name):
-            if candidate.exists():
-                return candidate
-        return None
+        return self.archives.omniglot_dir
 
     def _split_file(self, split: str) -> Path:
         return self.omniglot_dir / "splits" / "vinyals" / f"{split}.txt"
 
-    def _check_root(self) -> None:
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"Omniglot data root {self.root} does not exist. Pass --data.root, set $LIGHTNING_MTL_DATA, or create "
-                f"{self.root}/omniglot/ holding images_background.zip and images_evaluation.zip."
-            )
-
-    def _fetch_missing(self) -> None:
-        """Download what is missing (archives, and split lists for ``vinyals``), or say what to place where."""
-        missing = [(n, ARCHIVE_URL.format(name=n), ARCHIVE_MD5[n], "md5", self.omniglot_dir / f"{n}.zip")
-                   for n in ARCHIVES if self._source(n) is None]
-        if self.hparams.protocol == "vinyals":
-            missing += [(s, SPLIT_URL.format(split=s), SPLIT_SHA256[s], "sha256", self._split_file(s))
-                        for s in self._needed_splits() if not self._split_file(s).exists()]
-        if not missing:
-            return
-        wanted = "\n".join(f"  {dest}  (from {url})" for _, url, _, _, dest in missing)
-        if not self.hparams.download:
-            raise FileNotFoundError(f"Omniglot files are missing and download=False. Place them here:\n{wanted}")
-        try:
-            for _, url, checksum, algorithm, dest in missing:
-                download_file(url, dest, checksum=checksum, algorithm=algorithm)
-        except (DownloadError, PermissionError) as e:
-            raise FileNotFoundError(
-                f"Omniglot files are missing and could not be downloaded ({e}). Place them here:\n{wanted}"
-            ) from e
-
     def _needed_splits(self) -> tuple[str, ...]:
         return (self.hparams.train_split, "val", "test")
 
-    def _sources_digest(self) -> str:
-        """Hash of the source archives (content) or folders (relative paths, sizes, mtimes) and the settings."""
-        h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "size": self.hparams.image_size}).encode())
-        for name in ARCHIVES:
-            src = self._source(name)
-            assert src is not None
-            if src.is_file():
-                h.update(file_digest(src).encode())
-            else:
-                for p in sorted(src.rglob("*.png")):
-                    st = p.stat()
-                    h.update(f"{p.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
-
     def cache_path(self) -> Path:
         """The decoded-image cache of the current sources and settings."""
-        return self.cache_dir / f"omniglot-{self.hparams.image_size}px-{self._sources_digest()}.pt"
-
-    # ------------------------------------------------------------------ decoding
-    def _iter_drawings(self, name: str) -> Iterator[tuple[str, str, bytes]]:
-        """(``Alphabet/characterNN``, file name, PNG bytes) for every drawing of one archive or folder."""
-        src = self._source(name)
-        assert src is not None
-        if src.is_file():
-            with zipfile.ZipFile(src) as zf:
-                for info in zf.infolist():
-                    parts = info.filename.split("/")
-                    if info.is_dir() or not info.filename.endswith(".png"):
-                        continue
-                    if len(parts) != 4 or parts[0] != name:
-                        raise ValueError(
-                            f"{src}: unexpected member {info.filename!r}; expected "
-                            f"{name}/<Alphabet>/characterNN/<drawing>.png (the official archive layout)."
-                        )
-                    yield f"{parts[1]}/{parts[2]}", f"{src}:{info.filename}", zf.read(info)
-        else:
-            for p in sorted(src.glob("*/*/*.png")):
-                yield f"{p.parent.parent.name}/{p.parent.name}", str(p), p.read_bytes()
-
-    def _decode(self, data: bytes, where: str) -> np.ndarray:
-        size = self.hparams.image_size
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img = img.convert("L").resize((size, size), Image.Resampling.LANCZOS)
-                return 255 - np.asarray(img, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"corrupt or unreadable image {where} ({e}); replace it with the original file.") from e
-
-    def _build_cache(self, path: Path) -> None:
-        characters: dict[str, list[tuple[str, np.ndarray]]] = {}
-        archive_of: dict[str, str] = {}
-        for name in ARCHIVES:
-            for char, where, data in self._iter_drawings(name):
-                characters.setdefault(char, []).append((where, self._decode(data, where)))
-                archive_of[char] = name
-        if not characters:
-            raise ValueError(f"no Omniglot drawings found under {self.omniglot_dir}; check the archives.")
-        names = sorted(characters, key=lambda c: (archive_of[c], c))
-        for char in names:
-            if len(characters[char]) != DRAWINGS_PER_CHARACTER:
-                raise ValueError(
-                    f"Omniglot character {char} has {len(characters[char])} drawings, expected "
-                    f"{DRAWINGS_PER_CHARACTER}; the archive is incomplete, replace it with the official one."
-                )
-        images = np.stack([np.stack([img for _, img in sorted(characters[c])]) for c in names])
-        payload = {
-            "images": torch.from_numpy(images).unsqueeze(2),  # (characters, 20, 1, H, W) uint8
-            "characters": names,
-            "background": [archive_of[c] == "images_background" for c in names],
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a truncated cache behind
-
-    def _load_cache(self, path: Path) -> dict | None:
-        try:
-            payload = torch.load(path, weights_only=True)
-            if payload["images"].dtype != torch.uint8 or len(payload["characters"]) != payload["images"].shape[0]:
-                raise ValueError("inconsistent cache contents")
-            return payload
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # a truncated or foreign file: rebuild rather than fail
-            warnings.warn(f"Omniglot cache {path} is unreadable ({e}); rebuilding it.", stacklevel=2)
-            return None
+        return self.archives.cache_path()
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        self._check_root()
-        self._fetch_missing()
-        path = self.cache_path()
-        if self._load_cache(path) is None:
-            self._build_cache(path)
+        self.archives.check_root()
+        extra = []
+        if self.hparams.protocol == "vinyals":
+            extra = [(SPLIT_URL.format(split=s), SPLIT_SHA256[s], "sha256", self._split_file(s))
+                     for s in self._needed_splits()]
+        self.archives.fetch_missing(extra)
+        self.archives.prepare()
 
     def _split_classes(self, payload: dict, split: str) -> np.ndarray:
         """``(classes, 20, 1, H, W)`` images of one split (rotations applied)."""
@@ -296,10 +166,8 @@ class OmniglotEpisodes(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.samplers:
             return
-        self._check_root()
-        payload = self._load_cache(self.cache_path())
-        if payload is None:
-            raise RuntimeError(f"no Omniglot cache at {self.cache_path()}: call prepare_data() before setup().")
+        self.archives.check_root()
+        payload = self.archives.load()
         hp = self.hparams
         train_split = hp.train_split if hp.protocol == "vinyals" else "train"
         splits = {"train": train_split, "val": "val", "test": "test"}

@@ -13,6 +13,7 @@ hyper-parameters with defaults.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -44,6 +45,19 @@ class LossWeighting(nn.Module):
 
     def after_step(self, losses: dict[str, Tensor]) -> None:
         """Called after the optimizer step with the detached losses of that step (history-based methods)."""
+
+    def _stack_losses(self, losses: dict[str, Tensor]) -> Tensor:
+        """The ``(tasks,)`` vector of ``losses`` in task order; a clear error if the keys are not the tasks."""
+        if set(losses) != set(self.tasks):
+            missing = [t for t in self.tasks if t not in losses]
+            extra = [k for k in losses if k not in self.tasks]
+            raise ValueError(
+                f"{type(self).__name__} expects losses for tasks {self.tasks}; missing {missing}, unexpected {extra}"
+            )
+        for task in self.tasks:
+            if losses[task].numel() != 1:
+                raise ValueError(f"the loss of task {task!r} must be a scalar, got shape {tuple(losses[task].shape)}")
+        return torch.stack([losses[task].reshape(()) for task in self.tasks])  # (tasks,)
 
 
 class GradientAggregator(nn.Module):

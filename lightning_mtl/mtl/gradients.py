@@ -1,0 +1,80 @@
+"""Gradient plumbing for manual multi-task optimisation: per-task gradients, flattening, cross-rank reduction and
+loss scaling for 16-bit mixed precision."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def grads(
+    output: Tensor, params: Sequence[Tensor], retain_graph: bool = False, grad_outputs: Tensor | None = None
+) -> list[Tensor]:
+    """``d output / d p`` (a vector-Jacobian product with ``grad_outputs`` for a non-scalar ``output``) for every
+    ``p``, with zeros where ``output`` does not depend on ``p``."""
+    if not params:
+        return []
+    out = torch.autograd.grad(output, list(params), grad_outputs=grad_outputs, retain_graph=retain_graph,
+                              allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out, strict=True)]
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    sizes = [p.numel() for p in like]
+    return [v.view_as(p) for v, p in zip(vector.split(sizes), like, strict=True)]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_(tensor: Tensor, op: str = "mean") -> Tensor:
+    """In-place sum or mean over ranks (a no-op in a single process)."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def all_gather_columns(matrix: Tensor) -> tuple[Tensor, int]:
+    """Concatenate ``(K, n)`` matrices of all ranks along columns (rank order); returns it and this rank's offset.
+
+    Every rank must hold the same ``n`` (equal per-rank batch sizes).
+    """
+    if not distributed():
+        return matrix, 0
+    parts = [torch.empty_like(matrix) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, matrix.contiguous())
+    return torch.cat(parts, dim=1), dist.get_rank() * matrix.shape[1]
+
+
+class LossScale:
+    """The loss scale of 16-bit mixed precision for gradients obtained with ``torch.autograd.grad``.
+
+    Per-task gradients never pass through ``GradScaler.step``'s unscaling, so losses are scaled with the scaler's
+    current scale, the gradients divided by it before aggregation, and the final update multiplied by it again
+    before ``optimizer.step()``, where GradScaler unscales, checks for overflow (skipping the step and backing off
+    the scale) and updates the scale as usual.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaler is not None
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def value(self) -> float:
+        """The current scale (1 without 16-bit mixed precision)."""
+        return self.scaler.get_scale() if self.scaler is not None else 1.0

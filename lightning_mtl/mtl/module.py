@@ -1,0 +1,331 @@
+"""MultiTaskModule: a shared model, named tasks and a balancing method, optimised manually so that per-task
+gradients can be aggregated, correctly under DDP and mixed precision."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_mtl.batches import MultiTaskBatch
+from lightning_mtl.mtl import gradients as G
+from lightning_mtl.mtl.architectures import HardSharing, SoftSharing
+from lightning_mtl.mtl.balancing import GradientAggregator, create_balancer, list_balancers
+from lightning_mtl.mtl.diagnostics import gradient_diagnostics
+from lightning_mtl.mtl.tasks import TaskSpec, classification_task
+
+
+class MultiTaskModule(L.LightningModule):
+    """Multi-task classifier with hard or soft parameter sharing and a balancing method chosen by name.
+
+    Subclass and override :meth:`build_task` for other heads, losses or metrics.
+
+    Each training step computes the task losses, then, by the kind of balancing method:
+
+    * loss weighting: the method maps the losses to one loss; its weights are evaluated at the losses averaged over
+      all ranks and applied to this rank's losses, so the DDP update equals the single-process one;
+    * gradient aggregation, ``level="parameter"``: one gradient per task on the shared parameters
+      (``torch.autograd.grad``), averaged over ranks *before* the aggregator turns the ``(tasks, dims)`` matrix into
+      the update; ``level="representation"``: gradients w.r.t. the shared representation (gathered over ranks),
+      aggregated, then one backward pass through the backbone (MGDA-UB, Sener & Koltun 2018).
+
+    With ``16-mixed`` the loss scale is removed before aggregation and steps with non-finite gradients are skipped
+    and the scale backed off, as GradScaler does. Non-finite losses are skipped with a warning or raise, as set.
+
+    Args:
+        num_classes: task name → number of classes (one classification head each).
+        backbone: shared feature extractor ``(B, ...) -> (B, D)`` (for soft sharing, the template copied per task).
+        input_shape: one input's shape, used once to size the heads.
+        architecture: ``"hard"`` (shared backbone) or ``"soft"`` (one backbone per task, L2-tied; Duong et al. 2015).
+        soft_sharing_weight: lambda of the soft-sharing penalty.
+        balancer: registered name of the balancing method (``lightning_mtl.mtl.balancing.list_balancers()``).
+        balancer_args: hyper-parameters of the balancing method.
+        level: where gradients are aggregated: ``"parameter"`` or ``"representation"``.
+        nonfinite_loss: ``"skip"`` the step with a warning, or ``"raise"``.
+        diagnostics_every: log task-gradient cosines and norm ratios every this many steps (0: never).
+        optimizer: optimizer factory; default Adam, lr 1e-3.
+        lr_scheduler: scheduler factory, stepped every training step.
+    """
+
+    def __init__(
+        self,
+        num_classes: dict[str, int],
+        backbone: nn.Module | None = None,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        architecture: Literal["hard", "soft"] = "hard",
+        soft_sharing_weight: float = 1e-3,
+        balancer: str = "equal",
+        balancer_args: dict[str, Any] | None = None,
+        level: Literal["parameter", "representation"] = "parameter",
+        nonfinite_loss: Literal["skip", "raise"] = "skip",
+        diagnostics_every: int = 50,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if not num_classes:
+            raise ValueError("num_classes must name at least one task")
+        for name, value in (("architecture", architecture), ("level", level), ("nonfinite_loss", nonfinite_loss)):
+            valid = {"architecture": ("hard", "soft"), "level": ("parameter", "representation"),
+                     "nonfinite_loss": ("skip", "raise")}[name]
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.task_names = list(num_classes)
+        if backbone is None:
+            from lightning_mtl.nn import Conv4
+
+            backbone = Conv4(in_channels=input_shape[0])
+        with torch.no_grad():
+            was_training = backbone.training
+            feature_dim = backbone.eval()(torch.zeros(1, *input_shape)).flatten(1).shape[1]
+            backbone.train(was_training)
+        self.specs: dict[str, TaskSpec] = {t: self.build_task(t, c, feature_dim) for t, c in num_classes.items()}
+        heads = {t: s.head for t, s in self.specs.items()}
+        self.model = (HardSharing(backbone, heads) if architecture == "hard"
+                      else SoftSharing(backbone, heads, soft_sharing_weight))
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{t}": s.metrics.clone(prefix=f"{stage}/{t}/") for stage in ("val", "test")
+            for t, s in self.specs.items()
+        })
+        self.balancer = create_balancer(balancer, self.task_names, **(balancer_args or {}))
+        if isinstance(self.balancer, GradientAggregator) and architecture == "soft":
+            raise ValueError(f"gradient aggregation ({balancer!r}) needs shared parameters; soft sharing has none. "
+                             f"Use a loss weighting ({', '.join(list_balancers('weighting'))}) or hard sharing.")
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self._loss_scale = G.LossScale(None)
+
+    def build_task(self, name: str, num_classes: int, feature_dim: int) -> TaskSpec:
+        """The head, loss and metrics of task ``name``; override for non-classification tasks."""
+        return classification_task(feature_dim, num_classes)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.model.head(task, self.model.representation(self._images(x), task))
+
+    @staticmethod
+    def _images(x: Tensor) -> Tensor:
+        return x.float().div(255) if x.dtype == torch.uint8 else x
+
+    def task_outputs(self, batch: MultiTaskBatch) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Per-task outputs, and the shared representation ``(B, D)`` when all tasks share one input and backbone."""
+        if isinstance(batch.x, dict) or isinstance(self.model, SoftSharing):
+            inputs = batch.x if isinstance(batch.x, dict) else dict.fromkeys(self.task_names, batch.x)
+            return {t: self(inputs[t], t) for t in self.task_names}, None
+        z = self.model.representation(self._images(batch.x))  # one forward through the backbone for all tasks
+        return {t: self.model.head(t, z) for t in self.task_names}, z
+
+    # ------------------------------------------------------------------ input checks (on CPU, before transfer)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch, MultiTaskBatch):
+            raise TypeError(f"expected a MultiTaskBatch, got {type(batch).__name__}; yield "
+                            f"lightning_mtl.MultiTaskBatch(x, targets) from the datamodule.")
+        inputs_match = not isinstance(batch.x, dict) or set(batch.x) == set(batch.targets)
+        if set(batch.targets) != set(self.task_names) or not inputs_match:
+            raise ValueError(f"batch tasks {sorted(batch.targets)} do not match the model's heads "
+                             f"{sorted(self.task_names)}; make the datamodule's task names match num_classes.")
+        for t, y in batch.targets.items():
+            c = self.specs[t].num_classes
+            if c is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+                bad = int(y.max()) if int(y.max()) >= c else int(y.min())
+                raise ValueError(f"task {t!r}: target {bad} is out of the head's range 0..{c - 1}; fix "
+                                 f"num_classes[{t!r}] or the labels.")
+        return batch
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        plugin = self.trainer.precision_plugin
+        self._loss_scale = G.LossScale(getattr(plugin, "scaler", None))
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            # gradients are computed with autograd.grad and reduced by this module (before aggregation); DDP's own
+            # bucketed all-reduce would run on .grad after the fact and double-count
+            ddp.require_backward_grad_sync = False
+
+    def training_step(self, batch: MultiTaskBatch, batch_idx: int) -> None:
+        opt = self.optimizers()
+        scale, tasks = self._loss_scale, self.task_names
+        aggregate = isinstance(self.balancer, GradientAggregator)
+        representation = aggregate and self.hparams.level == "representation"
+        if representation and (isinstance(batch.x, dict) or not isinstance(self.model, HardSharing)):
+            raise ValueError("level='representation' needs one input shared by all tasks and hard sharing; use "
+                             "level='parameter' for per-task inputs.")
+        outputs, z_graph = self.task_outputs(batch)
+        if representation:  # task gradients stop at a leaf copy of the representation
+            z = z_graph.detach().requires_grad_()
+            outputs = {t: self.model.head(t, z) for t in tasks}
+        losses = {t: self.specs[t].loss(outputs[t].float(), batch.targets[t]) for t in tasks}
+        loss_vec = torch.stack([losses[t] for t in tasks])  # (K,)
+        global_losses = G.all_reduce_(loss_vec.detach().clone())  # mean over ranks
+
+        shared = self.model.shared_parameters()
+        others = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in shared)]
+        every = self.hparams.diagnostics_every
+        diagnose = bool(every) and self.global_step % every == 0 and bool(shared)
+        matrix = diag_matrix = None  # (K, D) true per-task gradients: aggregated / only diagnosed
+        if diagnose and not (aggregate and not representation):
+            # the task gradients on the shared parameters, computed only on diagnostic steps
+            rows = []
+            for t in tasks:
+                if representation:  # through the leaf copy, then through the backbone
+                    g_z = G.grads(scale.scale(losses[t]), [z], retain_graph=True)[0]
+                    rows.append(G.flatten(G.grads(z_graph, shared, retain_graph=True, grad_outputs=g_z)))
+                else:
+                    rows.append(G.flatten(G.grads(scale.scale(losses[t]), shared, retain_graph=True)))
+            diag_matrix = G.all_reduce_(torch.stack(rows)) / scale.value()
+
+        if aggregate:
+            if representation:
+                rows = [G.flatten(G.grads(scale.scale(losses[t]), [z], retain_graph=True)) for t in tasks]
+                # gradient of the global-batch mean loss w.r.t. this rank's rows of the representation: local / W
+                gathered, offset = G.all_gather_columns(torch.stack(rows) / self.trainer.world_size)
+                matrix = gathered.float() / scale.value()  # (K, global B * D)
+            else:
+                rows = [G.flatten(G.grads(scale.scale(losses[t]), shared, retain_graph=True)) for t in tasks]
+                matrix = G.all_reduce_(torch.stack(rows).float()) / scale.value()  # (K, D)
+            other_grads = G.grads(scale.scale(loss_vec.sum()), others, retain_graph=representation)
+            shared_flat = None
+        else:
+            total = self._linearised_weighting(losses, global_losses, shared)
+            penalty = self.model.penalty()
+            total = total if penalty is None else total + penalty
+            all_grads = G.grads(scale.scale(total), shared + others)
+            shared_flat = G.all_reduce_(G.flatten(all_grads[: len(shared)])) / scale.value() if shared else None
+            other_grads = all_grads[len(shared):]
+        other_flat = G.all_reduce_(G.flatten(other_grads)) / scale.value() if others else None
+
+        finite = torch.isfinite(global_losses).all()
+        for t in (matrix, other_flat, shared_flat):
+            if t is not None:
+                finite = finite & torch.isfinite(t).all()
+        if not bool(finite):  # one host sync per step: deciding to skip needs it
+            self._skip_step(opt, global_losses, shared + others)
+            return
+
+        if aggregate:
+            with self._full_precision():  # aggregators solve small QPs / Gramians: keep autocast out of them
+                direction = self.balancer(matrix)
+            if representation:  # back-propagate this rank's part of the aggregated direction through the backbone
+                d_z = direction[offset: offset + z.numel()].view_as(z).to(z_graph.dtype)
+                back = G.grads(z_graph, shared, grad_outputs=scale.scale(d_z))
+                shared_flat = G.all_reduce_(G.flatten(back), op="sum") / scale.value()
+            else:
+                shared_flat = direction
+        grads = G.unflatten(shared_flat, shared) if shared else []
+        grads += G.unflatten(other_flat, others) if others else []
+        for p, g in zip(shared + others, grads, strict=True):
+            p.grad = (g * scale.value()).to(p.dtype)  # re-scaled: the precision plugin's GradScaler unscales it
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not aggregate:
+            self.balancer.after_step({t: global_losses[i] for i, t in enumerate(tasks)})
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self._log_training(global_losses, diag_matrix if diag_matrix is not None else
+                           (matrix if diagnose and not representation else None))
+
+    def _linearised_weighting(self, losses: dict[str, Tensor], global_losses: Tensor, shared: list[Tensor]) -> Tensor:
+        """sum_k w_k * L_k (this rank) with w_k = d balancer / d L_k at the rank-averaged losses.
+
+        The gradient of the balanced loss of the global batch is then the rank average of this loss's gradients
+        (exact under DDP for any weighting of loss values). The balancer's own parameters (e.g. log-variances) get
+        their gradient from the global losses directly. Methods that need the shared parameters (GradNorm) see this
+        rank's losses and gradients.
+        """
+        if self.balancer.needs_shared_params:
+            with self._full_precision():
+                return self.balancer(losses, shared)
+        leaves = global_losses.detach().clone().requires_grad_()
+        with self._full_precision():
+            balanced = self.balancer({t: leaves[i] for i, t in enumerate(self.task_names)})
+        own = [p for p in self.balancer.parameters() if p.requires_grad]
+        outs = torch.autograd.grad(balanced, [leaves, *own], allow_unused=True)
+        for p, g in zip(own, outs[1:], strict=True):
+            if g is not None:
+                p.grad = g
+        weights = outs[0].detach()  # (K,)
+        return sum(weights[i] * losses[t] for i, t in enumerate(self.task_names))
+
+    def _full_precision(self):
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _skip_step(self, opt, global_losses: Tensor, params: list[Tensor]) -> None:
+        bad = [t for i, t in enumerate(self.task_names) if not math.isfinite(float(global_losses[i]))]
+        if self._loss_scale.enabled and not bad:
+            # overflow of 16-bit gradients: hand GradScaler a non-finite gradient so that it skips the step and
+            # backs off the scale exactly as it does for its own overflows
+            for p in params:
+                p.grad = torch.full_like(p, float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return
+        opt.zero_grad(set_to_none=True)
+        message = (f"step {self.global_step}: non-finite loss for task(s) {bad or self.task_names} "
+                   f"({[float(v) for v in global_losses]}); ")
+        if self.hparams.nonfinite_loss == "raise":
+            raise FloatingPointError(message + "stopping (nonfinite_loss='raise'). Lower the learning rate or check "
+                                     "the data of these tasks.")
+        rank_zero_warn(message + "step skipped (nonfinite_loss='skip').")
+
+    def _log_training(self, global_losses: Tensor, matrix: Tensor | None) -> None:
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:
+            for i, t in enumerate(self.task_names):
+                self.log(f"train/{t}/loss", global_losses[i])
+            self.log("train/loss", global_losses.sum(), prog_bar=True)
+            if self.balancer.weights is not None:
+                for i, t in enumerate(self.task_names):
+                    self.log(f"weights/{t}", self.balancer.weights[i].float())
+        if matrix is not None:
+            with self._full_precision():
+                diagnostics = gradient_diagnostics(matrix, self.task_names)
+            for key, value in diagnostics.items():
+                self.log(f"diag/{key}", value)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: MultiTaskBatch, stage: str) -> None:
+        outputs, _ = self.task_outputs(batch)
+        for t in self.task_names:
+            y = batch.targets[t]
+            self.log(f"{stage}/{t}/loss", self.specs[t].loss(outputs[t].float(), y), batch_size=len(y), sync_dist=True)
+            self.metrics[f"{stage}_{t}"].update(outputs[t].float(), y)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        mains = []
+        for t in self.task_names:
+            values = self.metrics[f"{stage}_{t}"].compute()  # synchronised over ranks by torchmetrics
+            self.metrics[f"{stage}_{t}"].reset()
+            self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=True)
+            mains.append(next(iter(values.values())).float())
+        mean = torch.stack(mains).mean()
+        self.log(f"{stage}/metric_mean", mean, prog_bar=True, sync_dist=True)
+        if all(s.higher_is_better for s in self.specs.values()) and all(s.num_classes for s in self.specs.values()):
+            self.log(f"{stage}/error_mean", 1 - mean, sync_dist=True)  # mean classification error over tasks
+
+    def validation_step(self, batch: MultiTaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ optimisation and state
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = (self.optimizer_factory(params) if self.optimizer_factory is not None
+                     else torch.optim.Adam(params, lr=1e-3))
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}

@@ -1,0 +1,53 @@
+"""MGDA against the closed-form min-norm point of two gradients; the weights the solver-based aggregators report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_mtl.mtl.balancing import create_balancer
+
+
+def _min_norm_alpha(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """argmin over alpha in [0, 1] of ||alpha g1 + (1 - alpha) g2||."""
+    return ((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mgda_is_the_min_norm_point_of_two_gradients(seed):
+    gen = torch.Generator().manual_seed(seed)
+    g1, g2 = torch.randn(8, generator=gen), 3 * torch.randn(8, generator=gen)
+    alpha = _min_norm_alpha(g1, g2)
+    mgda = create_balancer("mgda", ["a", "b"])
+    out = mgda(torch.stack([g1, g2]))
+    # torchjd's MGDA returns the min-norm point itself: weights on the simplex, no rescaling.
+    torch.testing.assert_close(out, alpha * g1 + (1 - alpha) * g2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mgda.weights, torch.stack([alpha, 1 - alpha]), atol=1e-5, rtol=1e-5)
+
+
+def test_mgda_clips_to_the_shorter_gradient_when_it_is_the_min_norm_point():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.1])
+    assert _min_norm_alpha(g1, g2) == 1
+    out = create_balancer("mgda", ["a", "b"])(torch.stack([g1, g2]))
+    torch.testing.assert_close(out, g1, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_weights_and_direction():
+    matrix = torch.randn(4, 6)
+    mean = create_balancer("mean", list("abcd"))
+    torch.testing.assert_close(mean(matrix), matrix.mean(0))
+    torch.testing.assert_close(mean.weights, torch.full((4,), 0.25))
+
+
+def test_upgrad_does_not_conflict_with_any_task():
+    matrix = torch.tensor([[2.0, 0.0], [-0.9, 0.2], [0.0, 0.1]])
+    out = create_balancer("upgrad", ["a", "b", "c"])(matrix)
+    assert (matrix @ out >= -1e-6).all()
+    assert (create_balancer("mean", ["a", "b", "c"])(matrix) @ matrix[1]) < 0  # the mean does conflict here
+
+
+def test_imtl_g_projections_onto_unit_gradients_are_equal():
+    matrix = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [0.0, -1.0, 3.0]])
+    out = create_balancer("imtl_g", ["a", "b", "c"])(matrix)
+    projections = matrix @ out / matrix.norm(dim=1)
+    torch.testing.assert_close(projections, projections[:1].expand(3), atol=1e-5, rtol=1e-5)

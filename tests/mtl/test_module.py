@@ -1,0 +1,237 @@
+"""MultiTaskModule: update rules against hand computations, DDP equivalence, mixed precision, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader
+
+from lightning_mtl import MultiTaskBatch
+from lightning_mtl.mtl import MultiTaskModule, SoftSharing
+from lightning_mtl.mtl.balancing import GradientAggregator, create_balancer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy import TASKS, global_batches, make_model  # noqa: E402
+
+WORKER = Path(__file__).parent / "ddp_worker.py"
+
+
+def fp16_plugin() -> MixedPrecision:
+    """16-bit AMP with a GradScaler on CPU: Lightning swaps "16-mixed" for bf16 on CPU unless given explicitly."""
+    return MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
+def trainer_for(steps: int, precision: str = "32", **kw) -> L.Trainer:
+    amp = {"plugins": [fp16_plugin()]} if precision == "16-mixed" else {"precision": precision}
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, **amp, **kw)
+
+
+def fit(model: MultiTaskModule, batches: list[MultiTaskBatch], precision: str = "32") -> L.Trainer:
+    trainer = trainer_for(len(batches), precision)
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def reseed(module, args) -> None:
+    torch.manual_seed(5)
+
+
+def manual_grads(model: MultiTaskModule, batch: MultiTaskBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-task gradient matrix on the shared parameters, and the head gradients of the summed loss."""
+    shared = model.model.shared_parameters()
+    heads = model.model.task_parameters()
+    outputs, _ = model.task_outputs(batch)
+    losses = [model.specs[t].loss(outputs[t], batch.targets[t]) for t in TASKS]
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
+    head_grads = torch.autograd.grad(sum(losses), heads)
+    return torch.stack(rows), list(head_grads)
+
+
+def params_vector(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.model.parameters()])
+
+
+@pytest.mark.parametrize("balancer,level", [("mean", "parameter"), ("mean", "representation"), ("pcgrad", "parameter"),
+                                            ("mgda", "parameter"), ("upgrad", "representation")])
+def test_aggregated_update_matches_hand_computation(balancer, level):
+    batch = global_batches(1)[0]
+    reference = make_model(balancer, level=level)
+    matrix, head_grads = manual_grads(reference, batch)
+    aggregator = create_balancer(balancer, list(TASKS))
+    aggregator.register_forward_pre_hook(reseed)  # PCGrad's projection order is random
+    if level == "parameter":
+        shared_update = aggregator(matrix)
+    else:  # aggregate gradients w.r.t. the representation, then back-propagate once
+        z = reference.model.representation(batch.x)
+        leaf = z.detach().requires_grad_()
+        rows = [torch.autograd.grad(reference.specs[t].loss(reference.model.head(t, leaf), batch.targets[t]), leaf)[0]
+                .reshape(-1) for t in TASKS]
+        direction = aggregator(torch.stack(rows)).view_as(z)
+        shared_update = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            z, reference.model.shared_parameters(), grad_outputs=direction)])
+    before = params_vector(reference)
+    expected = before.clone()
+    n_shared = shared_update.numel()
+    expected[:n_shared] -= 0.1 * shared_update  # SGD lr 0.1; backbone parameters come first in model.parameters()
+    expected[n_shared:] -= 0.1 * torch.cat([g.reshape(-1) for g in head_grads])
+
+    model = make_model(balancer, level=level)
+    model.balancer.register_forward_pre_hook(reseed)
+    fit(model, [batch])
+    torch.testing.assert_close(params_vector(model), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_mean_aggregation_equal_at_both_levels_and_to_mean_weighting():
+    batches = global_batches(3)
+    a = make_model("mean", level="parameter")
+    b = make_model("mean", level="representation")
+    fit(a, batches)
+    fit(b, batches)
+    torch.testing.assert_close(params_vector(a), params_vector(b), atol=1e-6, rtol=1e-5)
+
+
+def test_equal_weighting_is_sum_of_task_gradients():
+    batch = global_batches(1)[0]
+    reference = make_model("equal")
+    matrix, head_grads = manual_grads(reference, batch)
+    expected = params_vector(reference).clone()
+    n = matrix.shape[1]
+    expected[:n] -= 0.1 * matrix.sum(0)
+    expected[n:] -= 0.1 * torch.cat([g.reshape(-1) for g in head_grads])
+    model = make_model("equal")
+    fit(model, [batch])
+    torch.testing.assert_close(params_vector(model), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("balancer,level", [("pcgrad", "parameter"), ("mgda", "parameter"), ("upgrad", "parameter"),
+                                            ("uncertainty", "parameter"), ("mgda", "representation")])
+def test_ddp_two_processes_equal_single_process(balancer, level, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    outs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"{devices}.pt"
+        proc = subprocess.run([sys.executable, str(WORKER), balancer, level, str(devices), str(out)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs[devices] = torch.load(out, weights_only=True)
+    assert outs[1].keys() == outs[2].keys()
+    for key in outs[1]:
+        torch.testing.assert_close(outs[2][key], outs[1][key], atol=1e-5, rtol=0, msg=f"{balancer}: {key} differs")
+    initial = make_model(balancer).state_dict()
+    moved = any(not torch.allclose(initial[k], outs[1][k]) for k in initial if k in outs[1])
+    assert moved, "training did not change the parameters"
+
+
+class Recorder(GradientAggregator):
+    """Mean aggregator that keeps the matrices it was given."""
+
+    def __init__(self, tasks):
+        super().__init__(tasks)
+        self.seen = []
+
+    def forward(self, matrix):
+        self.seen.append(matrix.detach().clone())
+        return matrix.mean(0)
+
+
+def test_16_mixed_removes_loss_scale_before_aggregation():
+    batch = global_batches(1, batch_size=16)[0]
+    reference = make_model("mean")
+    matrix, _ = manual_grads(reference, batch)
+    model = make_model("mean")
+    model.balancer = Recorder(list(TASKS))
+    trainer = fit(model, [batch], precision="16-mixed")
+    assert trainer.precision_plugin.scaler is not None and trainer.precision_plugin.scaler.get_scale() > 1
+    seen = model.balancer.seen[0]
+    ratio = (seen.norm() / matrix.norm()).item()
+    assert abs(ratio - 1) < 0.05, f"aggregator saw gradients scaled by {ratio}"
+    torch.testing.assert_close(seen, matrix, atol=5e-3, rtol=5e-2)
+
+
+def test_16_mixed_overflow_skips_step_and_backs_off():
+    batch = global_batches(1)[0]
+    model = make_model("pcgrad")
+    before = params_vector(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e30)  # far beyond float16: every scaled gradient overflows
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)])
+    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    torch.testing.assert_close(params_vector(model), before)
+    assert scaler.get_scale() == pytest.approx(1e30 * scaler.get_backoff_factor(), rel=1e-6)
+
+
+def test_bf16_mixed_trains():
+    model = make_model("upgrad", level="representation")
+    before = params_vector(model)
+    fit(model, global_batches(3), precision="bf16-mixed")
+    after = params_vector(model)
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_nonfinite_loss_skip_warns_and_raise_stops():
+    bad = global_batches(1)[0]
+    bad = MultiTaskBatch(bad.x.clone(), bad.targets)
+    bad.x[0, 0] = float("nan")
+    model = make_model("equal")
+    before = params_vector(model)
+    with pytest.warns(UserWarning, match=r"non-finite loss for task\(s\) \['a', 'b', 'c'\].*step skipped"):
+        fit(model, [bad])
+    torch.testing.assert_close(params_vector(model), before)
+    with pytest.raises(FloatingPointError, match="stopping \\(nonfinite_loss='raise'\\)"):
+        fit(make_model("equal", nonfinite_loss="raise"), [bad])
+
+
+def test_bad_batches_are_named():
+    good = global_batches(1)[0]
+    wrong_tasks = MultiTaskBatch(good.x, {"a": good.targets["a"], "zz": good.targets["b"], "c": good.targets["c"]})
+    with pytest.raises(ValueError, match=r"batch tasks \['a', 'c', 'zz'\] do not match the model's heads"):
+        fit(make_model(), [wrong_tasks])
+    out_of_range = MultiTaskBatch(good.x, {**good.targets, "b": torch.full((8,), 4)})
+    with pytest.raises(ValueError, match=r"task 'b': target 4 is out of the head's range 0..3"):
+        fit(make_model(), [out_of_range])
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="unknown balancing method 'pcgard'; valid names: .*pcgrad"):
+        make_model("pcgard")
+    with pytest.raises(ValueError, match="needs shared parameters; soft sharing has none"):
+        make_model("pcgrad", architecture="soft")
+    with pytest.raises(ValueError, match="level must be one of"):
+        make_model("mgda", level="features")
+
+
+def test_soft_sharing_penalty_is_pairwise_l2():
+    model = make_model("equal", architecture="soft", soft_sharing_weight=0.5)
+    assert isinstance(model.model, SoftSharing)
+    copies = list(model.model.backbones.values())
+    with torch.no_grad():
+        for c in copies:
+            for p in c.parameters():
+                p.add_(torch.randn_like(p))
+    expected = sum(
+        (pi - pj).pow(2).sum()
+        for i in range(len(copies)) for j in range(i + 1, len(copies))
+        for pi, pj in zip(copies[i].parameters(), copies[j].parameters(), strict=True)
+    )
+    torch.testing.assert_close(model.model.penalty(), 0.5 * expected)
+    fit(model, global_batches(2))
+
+
+def test_diagnostics_logged():
+    model = make_model("pcgrad", diagnostics_every=1)
+    trainer = trainer_for(2, log_every_n_steps=1)
+    trainer.fit(model, train_dataloaders=DataLoader(global_batches(2), batch_size=None))
+    metrics = trainer.callback_metrics
+    assert {"diag/cos_mean", "diag/conflict_frac", "diag/cos/a|b", "diag/grad_norm_ratio/c", "train/a/loss"} <= set(
+        metrics)
+    assert -1 <= metrics["diag/cos_min"] <= metrics["diag/cos_mean"] <= 1
