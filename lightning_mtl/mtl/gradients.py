@@ -11,7 +11,10 @@ from torch import Tensor
 
 
 def grads(
-    output: Tensor, params: Sequence[Tensor], retain_graph: bool = False, grad_outputs: Tensor | None = None
+    output: Tensor | Sequence[Tensor],
+    params: Sequence[Tensor],
+    retain_graph: bool = False,
+    grad_outputs: Tensor | Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """``d output / d p`` (a vector-Jacobian product with ``grad_outputs`` for a non-scalar ``output``) for every
     ``p``, with zeros where ``output`` does not depend on ``p``."""

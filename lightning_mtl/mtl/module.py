@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import MultiTaskBatch
 from lightning_mtl.mtl import gradients as G
 from lightning_mtl.mtl.architectures import HardSharing, SoftSharing
-from lightning_mtl.mtl.balancing import GradientAggregator, create_balancer, list_balancers
+from lightning_mtl.mtl.balancing import GradientAggregator, balancer_class, create_balancer, list_balancers
 from lightning_mtl.mtl.diagnostics import gradient_diagnostics
 from lightning_mtl.mtl.tasks import TaskSpec, classification_task
 
@@ -31,14 +31,16 @@ class MultiTaskModule(L.LightningModule):
       all ranks and applied to this rank's losses, so the DDP update equals the single-process one;
     * gradient aggregation, ``level="parameter"``: one gradient per task on the shared parameters
       (``torch.autograd.grad``), averaged over ranks *before* the aggregator turns the ``(tasks, dims)`` matrix into
-      the update; ``level="representation"``: gradients w.r.t. the shared representation (gathered over ranks),
-      aggregated, then one backward pass through the backbone (MGDA-UB, Sener & Koltun 2018).
+      the update; ``level="representation"``: gradients w.r.t. the representations (gathered over ranks),
+      aggregated, then one backward pass through the backbone (MGDA-UB, Sener & Koltun 2018). With per-task inputs
+      each task's rows are zero outside its own inputs' representation block.
 
     With ``16-mixed`` the loss scale is removed before aggregation and steps with non-finite gradients are skipped
     and the scale backed off, as GradScaler does. Non-finite losses are skipped with a warning or raise, as set.
 
     Args:
-        num_classes: task name → number of classes (one classification head each).
+        num_classes: task name → number of classes (one classification head each); ``None`` takes the datamodule's
+            ``num_classes`` when the trainer configures the model (``configure_model``).
         backbone: shared feature extractor ``(B, ...) -> (B, D)`` (for soft sharing, the template copied per task).
         input_shape: one input's shape, used once to size the heads.
         architecture: ``"hard"`` (shared backbone) or ``"soft"`` (one backbone per task, L2-tied; Duong et al. 2015).
@@ -54,7 +56,7 @@ class MultiTaskModule(L.LightningModule):
 
     def __init__(
         self,
-        num_classes: dict[str, int],
+        num_classes: dict[str, int] | None = None,
         backbone: nn.Module | None = None,
         input_shape: tuple[int, ...] = (1, 28, 28),
         architecture: Literal["hard", "soft"] = "hard",
@@ -68,38 +70,60 @@ class MultiTaskModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if not num_classes:
-            raise ValueError("num_classes must name at least one task")
+        if num_classes is not None and not num_classes:
+            raise ValueError("num_classes must name at least one task (or be None to take the datamodule's)")
+        balancer_class(balancer)  # an unknown name fails here, listing the valid ones
         for name, value in (("architecture", architecture), ("level", level), ("nonfinite_loss", nonfinite_loss)):
             valid = {"architecture": ("hard", "soft"), "level": ("parameter", "representation"),
                      "nonfinite_loss": ("skip", "raise")}[name]
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        if architecture == "soft" and issubclass(balancer_class(balancer), GradientAggregator):
+            raise ValueError(f"gradient aggregation ({balancer!r}) needs shared parameters; soft sharing has none. "
+                             f"Use a loss weighting ({', '.join(list_balancers('weighting'))}) or hard sharing.")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self._loss_scale = G.LossScale(None)
+        self.__dict__["_backbone_template"] = backbone  # not a submodule until _build places it in the model
+        self.model: HardSharing | SoftSharing | None = None
+        if num_classes is not None:
+            self._build(dict(num_classes))
+
+    def _build(self, num_classes: dict[str, int]) -> None:
+        """Create heads, metrics and the balancer for ``num_classes`` (at init, or from the datamodule)."""
+        hp = self.hparams
         self.task_names = list(num_classes)
+        backbone = self.__dict__.pop("_backbone_template", None)
         if backbone is None:
             from lightning_mtl.nn import Conv4
 
-            backbone = Conv4(in_channels=input_shape[0])
+            backbone = Conv4(in_channels=hp.input_shape[0])
         with torch.no_grad():
             was_training = backbone.training
-            feature_dim = backbone.eval()(torch.zeros(1, *input_shape)).flatten(1).shape[1]
+            feature_dim = backbone.eval()(torch.zeros(1, *hp.input_shape)).flatten(1).shape[1]
             backbone.train(was_training)
         self.specs: dict[str, TaskSpec] = {t: self.build_task(t, c, feature_dim) for t, c in num_classes.items()}
         heads = {t: s.head for t, s in self.specs.items()}
-        self.model = (HardSharing(backbone, heads) if architecture == "hard"
-                      else SoftSharing(backbone, heads, soft_sharing_weight))
+        self.model = (HardSharing(backbone, heads) if hp.architecture == "hard"
+                      else SoftSharing(backbone, heads, hp.soft_sharing_weight))
         self.metrics = nn.ModuleDict({
             f"{stage}_{t}": s.metrics.clone(prefix=f"{stage}/{t}/") for stage in ("val", "test")
             for t, s in self.specs.items()
         })
-        self.balancer = create_balancer(balancer, self.task_names, **(balancer_args or {}))
-        if isinstance(self.balancer, GradientAggregator) and architecture == "soft":
-            raise ValueError(f"gradient aggregation ({balancer!r}) needs shared parameters; soft sharing has none. "
-                             f"Use a loss weighting ({', '.join(list_balancers('weighting'))}) or hard sharing.")
-        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self._loss_scale = G.LossScale(None)
+        self.balancer = create_balancer(hp.balancer, self.task_names, **(hp.balancer_args or {}))
+        self.hparams["num_classes"] = dict(num_classes)  # so that checkpoints rebuild the heads at load time
+
+    def configure_model(self) -> None:
+        """With ``num_classes=None``, take the tasks from the datamodule (after its ``setup``)."""
+        if self.model is not None:
+            return
+        datamodule = self.trainer.datamodule
+        num_classes = getattr(datamodule, "num_classes", None)
+        if not num_classes:
+            raise ValueError("MultiTaskModule(num_classes=None) takes its tasks from the datamodule's `num_classes`, "
+                             f"but {type(datamodule).__name__} has none; pass model num_classes explicitly.")
+        self._build(dict(num_classes))
 
     def build_task(self, name: str, num_classes: int, feature_dim: int) -> TaskSpec:
         """The head, loss and metrics of task ``name``; override for non-classification tasks."""
@@ -107,19 +131,25 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, task: str) -> Tensor:
+        """Output of ``task`` for inputs ``x``."""
         return self.model.head(task, self.model.representation(self._images(x), task))
 
     @staticmethod
     def _images(x: Tensor) -> Tensor:
         return x.float().div(255) if x.dtype == torch.uint8 else x
 
-    def task_outputs(self, batch: MultiTaskBatch) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Per-task outputs, and the shared representation ``(B, D)`` when all tasks share one input and backbone."""
+    def representations(self, batch: MultiTaskBatch) -> dict[str, Tensor]:
+        """The representation each task's head reads: one shared ``(B, D)`` tensor (computed once) when the tasks
+        share an input and a backbone, else one per task."""
         if isinstance(batch.x, dict) or isinstance(self.model, SoftSharing):
             inputs = batch.x if isinstance(batch.x, dict) else dict.fromkeys(self.task_names, batch.x)
-            return {t: self(inputs[t], t) for t in self.task_names}, None
-        z = self.model.representation(self._images(batch.x))  # one forward through the backbone for all tasks
-        return {t: self.model.head(t, z) for t in self.task_names}, z
+            return {t: self.model.representation(self._images(inputs[t]), t) for t in self.task_names}
+        z = self.model.representation(self._images(batch.x))
+        return dict.fromkeys(self.task_names, z)
+
+    def task_outputs(self, batch: MultiTaskBatch) -> dict[str, Tensor]:
+        reps = self.representations(batch)
+        return {t: self.model.head(t, reps[t]) for t in self.task_names}
 
     # ------------------------------------------------------------------ input checks (on CPU, before transfer)
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -127,7 +157,10 @@ class MultiTaskModule(L.LightningModule):
             raise TypeError(f"expected a MultiTaskBatch, got {type(batch).__name__}; yield "
                             f"lightning_mtl.MultiTaskBatch(x, targets) from the datamodule.")
         inputs_match = not isinstance(batch.x, dict) or set(batch.x) == set(batch.targets)
-        if set(batch.targets) != set(self.task_names) or not inputs_match:
+        known = set(batch.targets) <= set(self.task_names)
+        # training needs every task in every batch; evaluation may go task by task (sequential loaders)
+        complete = set(batch.targets) == set(self.task_names) or not self.trainer.training
+        if not (inputs_match and known and complete):
             raise ValueError(f"batch tasks {sorted(batch.targets)} do not match the model's heads "
                              f"{sorted(self.task_names)}; make the datamodule's task names match num_classes.")
         for t, y in batch.targets.items():
@@ -153,13 +186,15 @@ class MultiTaskModule(L.LightningModule):
         scale, tasks = self._loss_scale, self.task_names
         aggregate = isinstance(self.balancer, GradientAggregator)
         representation = aggregate and self.hparams.level == "representation"
-        if representation and (isinstance(batch.x, dict) or not isinstance(self.model, HardSharing)):
-            raise ValueError("level='representation' needs one input shared by all tasks and hard sharing; use "
-                             "level='parameter' for per-task inputs.")
-        outputs, z_graph = self.task_outputs(batch)
-        if representation:  # task gradients stop at a leaf copy of the representation
-            z = z_graph.detach().requires_grad_()
-            outputs = {t: self.model.head(t, z) for t in tasks}
+        reps = self.representations(batch)
+        # distinct representation tensors: one if the input is shared, one per task for per-task inputs
+        graphs = list({id(z): z for z in reps.values()}.values())
+        if representation:  # task gradients stop at leaf copies of the representations
+            leaf_of = {id(z): z.detach().requires_grad_() for z in graphs}
+            leaves = [leaf_of[id(z)] for z in graphs]
+            outputs = {t: self.model.head(t, leaf_of[id(reps[t])]) for t in tasks}
+        else:
+            outputs = {t: self.model.head(t, reps[t]) for t in tasks}
         losses = {t: self.specs[t].loss(outputs[t].float(), batch.targets[t]) for t in tasks}
         loss_vec = torch.stack([losses[t] for t in tasks])  # (K,)
         global_losses = G.all_reduce_(loss_vec.detach().clone())  # mean over ranks
@@ -173,16 +208,16 @@ class MultiTaskModule(L.LightningModule):
             # the task gradients on the shared parameters, computed only on diagnostic steps
             rows = []
             for t in tasks:
-                if representation:  # through the leaf copy, then through the backbone
-                    g_z = G.grads(scale.scale(losses[t]), [z], retain_graph=True)[0]
-                    rows.append(G.flatten(G.grads(z_graph, shared, retain_graph=True, grad_outputs=g_z)))
+                if representation:  # through the leaf copies, then through the backbone
+                    g_z = G.grads(scale.scale(losses[t]), leaves, retain_graph=True)
+                    rows.append(G.flatten(G.grads(graphs, shared, retain_graph=True, grad_outputs=g_z)))
                 else:
                     rows.append(G.flatten(G.grads(scale.scale(losses[t]), shared, retain_graph=True)))
             diag_matrix = G.all_reduce_(torch.stack(rows)) / scale.value()
 
         if aggregate:
-            if representation:
-                rows = [G.flatten(G.grads(scale.scale(losses[t]), [z], retain_graph=True)) for t in tasks]
+            if representation:  # per-task inputs give block-structured rows: zeros outside the task's own block
+                rows = [G.flatten(G.grads(scale.scale(losses[t]), leaves, retain_graph=True)) for t in tasks]
                 # gradient of the global-batch mean loss w.r.t. this rank's rows of the representation: local / W
                 gathered, offset = G.all_gather_columns(torch.stack(rows) / self.trainer.world_size)
                 matrix = gathered.float() / scale.value()  # (K, global B * D)
@@ -212,8 +247,10 @@ class MultiTaskModule(L.LightningModule):
             with self._full_precision():  # aggregators solve small QPs / Gramians: keep autocast out of them
                 direction = self.balancer(matrix)
             if representation:  # back-propagate this rank's part of the aggregated direction through the backbone
-                d_z = direction[offset: offset + z.numel()].view_as(z).to(z_graph.dtype)
-                back = G.grads(z_graph, shared, grad_outputs=scale.scale(d_z))
+                mine = direction[offset: offset + sum(z.numel() for z in leaves)]
+                d_z = [scale.scale(d.view_as(z).to(z.dtype)) for d, z in zip(G.unflatten(mine, leaves), leaves,
+                                                                               strict=True)]
+                back = G.grads(graphs, shared, grad_outputs=d_z)
                 shared_flat = G.all_reduce_(G.flatten(back), op="sum") / scale.value()
             else:
                 shared_flat = direction
@@ -276,7 +313,7 @@ class MultiTaskModule(L.LightningModule):
 
     def _log_training(self, global_losses: Tensor, matrix: Tensor | None) -> None:
         every = self.trainer.log_every_n_steps
-        if every and self.global_step % every == 0:
+        if self.trainer.fast_dev_run or (every and self.global_step % every == 0):  # when step metrics flush
             for i, t in enumerate(self.task_names):
                 self.log(f"train/{t}/loss", global_losses[i])
             self.log("train/loss", global_losses.sum(), prog_bar=True)
@@ -291,11 +328,15 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: MultiTaskBatch, stage: str) -> None:
-        outputs, _ = self.task_outputs(batch)
-        for t in self.task_names:
-            y = batch.targets[t]
-            self.log(f"{stage}/{t}/loss", self.specs[t].loss(outputs[t].float(), y), batch_size=len(y), sync_dist=True)
-            self.metrics[f"{stage}_{t}"].update(outputs[t].float(), y)
+        if isinstance(batch.x, dict):  # per-task inputs: all tasks, or one per batch with sequential loaders
+            outputs = {t: self(batch.x[t], t) for t in batch.targets}
+        else:  # a shared input: one backbone pass
+            outputs = self.task_outputs(batch)
+        for t, y in batch.targets.items():
+            out = outputs[t].float()
+            self.log(f"{stage}/{t}/loss", self.specs[t].loss(out, y), batch_size=len(y), sync_dist=True,
+                     add_dataloader_idx=False)
+            self.metrics[f"{stage}_{t}"].update(out, y)
 
     def _eval_epoch_end(self, stage: str) -> None:
         mains = []
@@ -309,10 +350,10 @@ class MultiTaskModule(L.LightningModule):
         if all(s.higher_is_better for s in self.specs.values()) and all(s.num_classes for s in self.specs.values()):
             self.log(f"{stage}/error_mean", 1 - mean, sync_dist=True)  # mean classification error over tasks
 
-    def validation_step(self, batch: MultiTaskBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: MultiTaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> None:
+    def test_step(self, batch: MultiTaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:

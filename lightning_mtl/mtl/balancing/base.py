@@ -17,6 +17,15 @@ import torch
 from torch import Tensor, nn
 
 
+def checked_tasks(tasks: list[str]) -> list[str]:
+    """``tasks`` as a new list, after checking it names at least one task and no task twice."""
+    if not tasks:
+        raise ValueError("a balancing method needs at least one task")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task names must be unique, got {tasks}")
+    return list(tasks)
+
+
 class LossWeighting(nn.Module):
     """Per-task losses → one scalar loss.
 
@@ -32,11 +41,7 @@ class LossWeighting(nn.Module):
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
-        if not tasks:
-            raise ValueError("a balancing method needs at least one task")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"task names must be unique, got {tasks}")
-        self.tasks = list(tasks)
+        self.tasks = checked_tasks(tasks)
         self.weights: Tensor | None = None
 
     def forward(self, losses: dict[str, Tensor], shared_params: list[Tensor] | None = None) -> Tensor:
@@ -73,11 +78,7 @@ class GradientAggregator(nn.Module):
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
-        if not tasks:
-            raise ValueError("a balancing method needs at least one task")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"task names must be unique, got {tasks}")
-        self.tasks = list(tasks)
+        self.tasks = checked_tasks(tasks)
         self.weights: Tensor | None = None
 
     def forward(self, matrix: Tensor) -> Tensor:

@@ -1,0 +1,30 @@
+"""Multi-task recipe: a MultiTaskModule on a multi-task datamodule, the balancing method chosen by name.
+
+    python recipes/multitask.py fit  --config recipes/configs/multimnist/hps_pcgrad_quick.yaml
+    python recipes/multitask.py test --config recipes/configs/multimnist/hps_pcgrad_quick.yaml --ckpt_path best
+    python recipes/delta_m.py --baseline runs/multimnist/single_task_quick/test_metrics.json \
+        pcgrad=runs/multimnist/hps_pcgrad_quick/test_metrics.json            # Δm% against single-task
+
+Model and data are chosen by ``class_path`` in the YAML; ``model.balancer`` names any registered balancing method
+(``lightning_mtl.mtl.balancing.list_balancers()``; an unknown name lists the valid ones). With
+``model.num_classes: null`` the tasks come from the datamodule. ``fit`` keeps the best checkpoint by
+``val/metric_mean`` and the last one; ``test``/``validate --ckpt_path best|last`` find them in ``checkpoint.dirpath``.
+"""
+
+from __future__ import annotations
+
+from lightning_mtl.cli import RecipeCLI
+from lightning_mtl.mtl import MultiTaskModule
+
+
+class MultiTaskCLI(RecipeCLI):
+    monitor = "val/metric_mean"
+
+
+def main(args: list[str] | None = None) -> MultiTaskCLI:
+    return MultiTaskCLI(MultiTaskModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
+                        save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()
