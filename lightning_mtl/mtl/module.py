@@ -200,7 +200,9 @@ class MultiTaskModule(L.LightningModule):
         global_losses = G.all_reduce_(loss_vec.detach().clone())  # mean over ranks
 
         shared = self.model.shared_parameters()
-        others = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in shared)]
+        others = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in shared)]
+        own = [p for p in self.balancer.parameters() if p.requires_grad]  # e.g. log-variances, GradNorm weights
+        own_grads: list[Tensor] = []
         every = self.hparams.diagnostics_every
         diagnose = bool(every) and self.global_step % every == 0 and bool(shared)
         matrix = diag_matrix = None  # (K, D) true per-task gradients: aggregated / only diagnosed
@@ -227,20 +229,25 @@ class MultiTaskModule(L.LightningModule):
             other_grads = G.grads(scale.scale(loss_vec.sum()), others, retain_graph=representation)
             shared_flat = None
         else:
-            total = self._linearised_weighting(losses, global_losses, shared)
+            total, own_grads = self._linearised_weighting(losses, global_losses, shared)
             penalty = self.model.penalty()
             total = total if penalty is None else total + penalty
-            all_grads = G.grads(scale.scale(total), shared + others)
+            with_own = self.balancer.needs_shared_params  # its parameters' gradients come from this loss
+            all_grads = G.grads(scale.scale(total), shared + others + (own if with_own else []))
             shared_flat = G.all_reduce_(G.flatten(all_grads[: len(shared)])) / scale.value() if shared else None
-            other_grads = all_grads[len(shared):]
+            other_grads = all_grads[len(shared): len(shared) + len(others)]
+            if with_own:
+                own_grads = [g / scale.value() for g in
+                             G.unflatten(G.all_reduce_(G.flatten(all_grads[len(shared) + len(others):])), own)]
         other_flat = G.all_reduce_(G.flatten(other_grads)) / scale.value() if others else None
 
+        own_flat = G.flatten(own_grads) if own_grads else None
         finite = torch.isfinite(global_losses).all()
-        for t in (matrix, other_flat, shared_flat):
+        for t in (matrix, other_flat, shared_flat, own_flat):
             if t is not None:
                 finite = finite & torch.isfinite(t).all()
         if not bool(finite):  # one host sync per step: deciding to skip needs it
-            self._skip_step(opt, global_losses, shared + others)
+            self._skip_step(opt, global_losses, shared + others + own)
             return
 
         if aggregate:
@@ -256,7 +263,9 @@ class MultiTaskModule(L.LightningModule):
                 shared_flat = direction
         grads = G.unflatten(shared_flat, shared) if shared else []
         grads += G.unflatten(other_flat, others) if others else []
-        for p, g in zip(shared + others, grads, strict=True):
+        grads += list(own_grads)
+        params = shared + others + (own if own_grads else [])
+        for p, g in zip(params, grads, strict=True):
             p.grad = (g * scale.value()).to(p.dtype)  # re-scaled: the precision plugin's GradScaler unscales it
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -268,27 +277,27 @@ class MultiTaskModule(L.LightningModule):
         self._log_training(global_losses, diag_matrix if diag_matrix is not None else
                            (matrix if diagnose and not representation else None))
 
-    def _linearised_weighting(self, losses: dict[str, Tensor], global_losses: Tensor, shared: list[Tensor]) -> Tensor:
-        """sum_k w_k * L_k (this rank) with w_k = d balancer / d L_k at the rank-averaged losses.
+    def _linearised_weighting(
+        self, losses: dict[str, Tensor], global_losses: Tensor, shared: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``sum_k w_k * L_k`` (this rank) with ``w_k = d balancer / d L_k`` at the rank-averaged losses, and the
+        gradients of the balancer's own parameters (e.g. log-variances) at those losses.
 
         The gradient of the balanced loss of the global batch is then the rank average of this loss's gradients
-        (exact under DDP for any weighting of loss values). The balancer's own parameters (e.g. log-variances) get
-        their gradient from the global losses directly. Methods that need the shared parameters (GradNorm) see this
-        rank's losses and gradients.
+        (exact under DDP for any weighting of loss values), and the balancer's own gradients are the same on every
+        rank. Methods that need the shared parameters (GradNorm) get this rank's losses; their own gradients then
+        come from the returned loss, and the returned list is empty.
         """
         if self.balancer.needs_shared_params:
             with self._full_precision():
-                return self.balancer(losses, shared)
+                return self.balancer(losses, shared), []
         leaves = global_losses.detach().clone().requires_grad_()
         with self._full_precision():
             balanced = self.balancer({t: leaves[i] for i, t in enumerate(self.task_names)})
         own = [p for p in self.balancer.parameters() if p.requires_grad]
-        outs = torch.autograd.grad(balanced, [leaves, *own], allow_unused=True)
-        for p, g in zip(own, outs[1:], strict=True):
-            if g is not None:
-                p.grad = g
+        outs = G.grads(balanced, [leaves, *own])
         weights = outs[0].detach()  # (K,)
-        return sum(weights[i] * losses[t] for i, t in enumerate(self.task_names))
+        return sum(weights[i] * losses[t] for i, t in enumerate(self.task_names)), outs[1:]
 
     def _full_precision(self):
         return torch.autocast(self.device.type, enabled=False)

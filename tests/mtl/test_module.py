@@ -274,3 +274,19 @@ def test_num_classes_from_datamodule_and_checkpoint_roundtrip(tmp_path):
     restored = MultiTaskModule.load_from_checkpoint(path, backbone=torch.nn.Sequential(torch.nn.Linear(6, 8),
                                                                                         torch.nn.Tanh()))
     torch.testing.assert_close(params_vector(restored), params_vector(model))
+
+
+def test_uncertainty_log_variances_are_trained():
+    model = make_model("uncertainty")
+    before = [p.detach().clone() for p in model.balancer.parameters()]
+    assert before, "uncertainty weighting must own learnable log-variances"
+    fit(model, global_batches(3))
+    after = list(model.balancer.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True)), "log-variances did not move"
+
+
+def test_gradnorm_weights_are_trained():
+    model = make_model("gradnorm")
+    before = [p.detach().clone() for p in model.balancer.parameters()]
+    fit(model, global_batches(3))
+    assert any(not torch.equal(b, a) for b, a in zip(before, model.balancer.parameters(), strict=True))
