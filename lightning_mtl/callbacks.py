@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -42,3 +43,35 @@ class EpisodeThroughput(Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # validation time is not training time
+
+
+class StepTimer(Callback):
+    """Wall time of the training steps after ``warmup`` batches (device-synchronised), for benchmarks.
+
+    After ``fit``, :attr:`seconds_per_step` is the mean time of the timed steps.
+
+    Args:
+        warmup: batches excluded from the timing.
+    """
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+
+    @staticmethod
+    def _sync(pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self.end = time.perf_counter()
+        self.steps = trainer.global_step - self.warmup
+
+    @property
+    def seconds_per_step(self) -> float:
+        return (self.end - self.start) / self.steps

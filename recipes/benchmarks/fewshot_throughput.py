@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl import Episode
+from lightning_mtl.callbacks import StepTimer
 from lightning_mtl.datamodules import EpisodeSampler, EpisodeStream, OmniglotEpisodes
 from lightning_mtl.meta import MAML, ProtoNet, prototypes, squared_euclidean_logits
 
@@ -115,26 +116,11 @@ def time_raw(make_model, step_fn, episodes, device, precision, warmup) -> float:
     return (time.perf_counter() - start) / (len(episodes) - warmup)
 
 
-class _StepTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            sync(pl_module.device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        sync(pl_module.device)
-        self.end = time.perf_counter()
-        self.steps = trainer.global_step - self.warmup
-
-
 def time_lightning(make_model, episodes, accelerator, precision, warmup) -> float:
     torch.manual_seed(0)
     model = make_model()
     model.optimizer_factory = lambda params: torch.optim.Adam(params, lr=1e-3)
-    timer = _StepTimer(warmup)
+    timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_steps=len(episodes), logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
@@ -142,7 +128,7 @@ def time_lightning(make_model, episodes, accelerator, precision, warmup) -> floa
     )
     loader = DataLoader(Episodes(episodes), batch_size=None, shuffle=False, pin_memory=accelerator == "cuda")
     trainer.fit(model, train_dataloaders=loader)
-    return (timer.end - timer.start) / timer.steps
+    return timer.seconds_per_step
 
 
 def sampler_rate(images: np.ndarray, n: int = 20000) -> float:

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from lightning_mtl import MultiTaskBatch
+from lightning_mtl.callbacks import StepTimer
 from lightning_mtl.mtl import MultiTaskModule
 from lightning_mtl.mtl.balancing import GradientAggregator, balancer_class, list_balancers
 from lightning_mtl.nn import Conv4
@@ -70,24 +71,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class _StepTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            sync(pl_module.device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        sync(pl_module.device)
-        self.end = time.perf_counter()
-        self.steps = trainer.global_step - self.warmup
-
-
 def time_lightning(args, k: int, method: str, level: str, batches: list[MultiTaskBatch]) -> float:
     model = make_module(args, k, method, level)
-    timer = _StepTimer(args.warmup)
+    timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, max_steps=len(batches), max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
@@ -95,7 +81,7 @@ def time_lightning(args, k: int, method: str, level: str, batches: list[MultiTas
     )
     loader = DataLoader(batches, batch_size=None, shuffle=False, pin_memory=args.accelerator == "cuda")
     trainer.fit(model, train_dataloaders=loader)
-    return (timer.end - timer.start) / timer.steps
+    return timer.seconds_per_step
 
 
 def time_raw(args, k: int, aggregator_name: str | None, batches: list[MultiTaskBatch]) -> float:
