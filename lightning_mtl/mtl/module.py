@@ -85,6 +85,7 @@ class MultiTaskModule(L.LightningModule):
         self.automatic_optimization = False
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._loss_scale = G.LossScale(None)
+        self._matrix = G.Buffer()  # the (K, D) task-gradient matrix, reused across steps
         self.__dict__["_backbone_template"] = backbone  # not a submodule until _build places it in the model
         self.model: HardSharing | SoftSharing | None = None
         if num_classes is not None:
@@ -215,17 +216,18 @@ class MultiTaskModule(L.LightningModule):
                     rows.append(G.flatten(G.grads(graphs, shared, retain_graph=True, grad_outputs=g_z)))
                 else:
                     rows.append(G.flatten(G.grads(scale.scale(losses[t]), shared, retain_graph=True)))
-            diag_matrix = G.all_reduce_(torch.stack(rows)) / scale.value()
+            diag_matrix = scale.unscale_(G.all_reduce_(torch.stack(rows)))
 
         if aggregate:
             if representation:  # per-task inputs give block-structured rows: zeros outside the task's own block
                 rows = [G.flatten(G.grads(scale.scale(losses[t]), leaves, retain_graph=True)) for t in tasks]
                 # gradient of the global-batch mean loss w.r.t. this rank's rows of the representation: local / W
                 gathered, offset = G.all_gather_columns(torch.stack(rows) / self.trainer.world_size)
-                matrix = gathered.float() / scale.value()  # (K, global B * D)
+                matrix = scale.unscale_(gathered.float())  # (K, global B * D)
             else:
-                rows = [G.flatten(G.grads(scale.scale(losses[t]), shared, retain_graph=True)) for t in tasks]
-                matrix = G.all_reduce_(torch.stack(rows).float()) / scale.value()  # (K, D)
+                buffer = self._matrix.get(len(tasks), sum(p.numel() for p in shared), loss_vec.device)
+                matrix = G.all_reduce_(G.task_matrix([scale.scale(losses[t]) for t in tasks], shared, buffer))
+                scale.unscale_(matrix)  # (K, D): true gradients, averaged over ranks
             other_grads = G.grads(scale.scale(loss_vec.sum()), others, retain_graph=representation)
             shared_flat = None
         else:
@@ -234,19 +236,15 @@ class MultiTaskModule(L.LightningModule):
             total = total if penalty is None else total + penalty
             with_own = self.balancer.needs_shared_params  # its parameters' gradients come from this loss
             all_grads = G.grads(scale.scale(total), shared + others + (own if with_own else []))
-            shared_flat = G.all_reduce_(G.flatten(all_grads[: len(shared)])) / scale.value() if shared else None
+            shared_flat = scale.unscale_(G.all_reduce_(G.flatten(all_grads[: len(shared)]))) if shared else None
             other_grads = all_grads[len(shared): len(shared) + len(others)]
             if with_own:
                 own_grads = [g / scale.value() for g in
                              G.unflatten(G.all_reduce_(G.flatten(all_grads[len(shared) + len(others):])), own)]
-        other_flat = G.all_reduce_(G.flatten(other_grads)) / scale.value() if others else None
+        other_flat = scale.unscale_(G.all_reduce_(G.flatten(other_grads))) if others else None
 
         own_flat = G.flatten(own_grads) if own_grads else None
-        finite = torch.isfinite(global_losses).all()
-        for t in (matrix, other_flat, shared_flat, own_flat):
-            if t is not None:
-                finite = finite & torch.isfinite(t).all()
-        if not bool(finite):  # one host sync per step: deciding to skip needs it
+        if not G.all_finite(global_losses, matrix, other_flat, shared_flat, own_flat):  # deciding needs a host sync
             self._skip_step(opt, global_losses, shared + others + own)
             return
 
@@ -258,7 +256,7 @@ class MultiTaskModule(L.LightningModule):
                 d_z = [scale.scale(d.view_as(z).to(z.dtype)) for d, z in zip(G.unflatten(mine, leaves), leaves,
                                                                                strict=True)]
                 back = G.grads(graphs, shared, grad_outputs=d_z)
-                shared_flat = G.all_reduce_(G.flatten(back), op="sum") / scale.value()
+                shared_flat = scale.unscale_(G.all_reduce_(G.flatten(back), op="sum"))
             else:
                 shared_flat = direction
         grads = G.unflatten(shared_flat, shared) if shared else []
@@ -266,7 +264,9 @@ class MultiTaskModule(L.LightningModule):
         grads += list(own_grads)
         params = shared + others + (own if own_grads else [])
         for p, g in zip(params, grads, strict=True):
-            p.grad = (g * scale.value()).to(p.dtype)  # re-scaled: the precision plugin's GradScaler unscales it
+            if scale.enabled:
+                g = g * scale.value()  # re-scaled: the precision plugin's GradScaler unscales it
+            p.grad = g.to(p.dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if not aggregate:
