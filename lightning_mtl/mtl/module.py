@@ -326,6 +326,8 @@ class MultiTaskModule(L.LightningModule):
             for i, t in enumerate(self.task_names):
                 self.log(f"train/{t}/loss", global_losses[i])
             self.log("train/loss", global_losses.sum(), prog_bar=True)
+            if self._loss_scale.enabled:  # 16-mixed: GradScaler's scale (it backs off after skipped steps)
+                self.log("train/loss_scale", self._loss_scale.value())
             if self.balancer.weights is not None:
                 for i, t in enumerate(self.task_names):
                     self.log(f"weights/{t}", self.balancer.weights[i].float())
