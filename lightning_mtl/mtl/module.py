@@ -100,9 +100,13 @@ class MultiTaskModule(L.LightningModule):
             from lightning_mtl.nn import Conv4
 
             backbone = Conv4(in_channels=hp.input_shape[0])
+        # the probe goes where the backbone is: configure_model runs under the trainer's default-device context
+        # (CUDA), while a backbone built by the CLI is still on the CPU
+        device = next((t.device for t in [*backbone.parameters(), *backbone.buffers()]), torch.device("cpu"))
         with torch.no_grad():
             was_training = backbone.training
-            feature_dim = backbone.eval()(torch.zeros(1, *hp.input_shape)).flatten(1).shape[1]
+            probe = torch.zeros(1, *hp.input_shape, device=device)
+            feature_dim = backbone.eval()(probe).flatten(1).shape[1]
             backbone.train(was_training)
         self.specs: dict[str, TaskSpec] = {t: self.build_task(t, c, feature_dim) for t, c in num_classes.items()}
         heads = {t: s.head for t, s in self.specs.items()}

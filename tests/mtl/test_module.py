@@ -276,6 +276,16 @@ def test_num_classes_from_datamodule_and_checkpoint_roundtrip(tmp_path):
     torch.testing.assert_close(params_vector(restored), params_vector(model))
 
 
+def test_heads_sized_under_another_default_device():
+    """configure_model runs under the trainer's default-device context (CUDA on a GPU run) while the CLI-built
+    backbone is still on the CPU: the sizing probe must follow the backbone (found on an H200)."""
+    model = MultiTaskModule(None, backbone=torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh()),
+                            input_shape=(6,))
+    with torch.device("meta"):  # a stand-in for cuda on this CPU-only machine: any other device fails the same way
+        model._build(dict(TASKS))
+    assert model.task_names == list(TASKS)
+
+
 def test_uncertainty_log_variances_are_trained():
     model = make_model("uncertainty")
     before = [p.detach().clone() for p in model.balancer.parameters()]
