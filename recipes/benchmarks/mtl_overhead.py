@@ -7,7 +7,8 @@ On one synthetic data set (``--batch-size`` random 1x28x28 inputs, ``--classes``
 model (a shared ``--backbone`` + one linear head per task, the same initialisation everywhere), it times:
 
 * every ``--methods`` name in MultiTaskModule through a Lightning Trainer, relative to ``equal`` at the same K;
-  loss weightings once, gradient aggregators at ``level="parameter"`` and ``level="representation"``;
+  loss weightings once, gradient aggregators at ``level="parameter"`` (once per ``--jacobians`` mode, shown as
+  ``parameter:<mode>`` unless ``auto``) and ``level="representation"``;
 * ``torch:equal``: a plain PyTorch loop on the sum of the losses (the floor: one backward pass, no framework);
 * ``torchjd:<name>`` for every ``--torchjd`` name: a plain PyTorch loop with ``torchjd.autojac.mtl_backward`` +
   ``jac_to_grad`` and the same torchjd aggregator object our registry builds (these names are also timed in ours).
@@ -52,11 +53,13 @@ def make_backbone(kind: str, hidden: int) -> nn.Module:
                          nn.Linear(hidden, hidden), nn.ReLU())
 
 
-def make_module(args, k: int, method: str = "equal", level: str = "parameter") -> MultiTaskModule:
+def make_module(args, k: int, method: str = "equal", level: str = "parameter", jacobian: str = "auto"
+                ) -> MultiTaskModule:
     torch.manual_seed(0)  # the same backbone and heads for every run at this K
     backbone = make_backbone(args.backbone, args.hidden)
     return MultiTaskModule({f"t{i}": args.classes for i in range(k)}, backbone=backbone, balancer=method, level=level,
-                           diagnostics_every=0, optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+                           jacobian=jacobian, diagnostics_every=0,
+                           optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
 
 
 def make_batches(args, k: int) -> list[MultiTaskBatch]:
@@ -72,7 +75,8 @@ def sync(device: torch.device) -> None:
 
 
 def time_lightning(args, k: int, method: str, level: str, batches: list[MultiTaskBatch]) -> float:
-    model = make_module(args, k, method, level)
+    level, _, jacobian = level.partition(":")  # "parameter:vmap" -> level "parameter", jacobian "vmap"
+    model = make_module(args, k, method, level, jacobian or "auto")
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, max_steps=len(batches), max_epochs=1, logger=False,
@@ -117,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 50], help="numbers of tasks K")
     parser.add_argument("--methods", nargs="+", default=list_balancers(), help="registered balancer names")
     parser.add_argument("--torchjd", nargs="*", default=["upgrad", "mgda"], help="aggregators also run via torchjd")
+    parser.add_argument("--jacobians", nargs="+", default=["auto"], choices=["auto", "loop", "vmap"],
+                        help="parameter-level Jacobian modes to time (MultiTaskModule's `jacobian`)")
     parser.add_argument("--backbone", default="mlp", choices=["mlp", "conv4"], help="MLP 784-h-h-h or Conv-4 (h ch)")
     parser.add_argument("--hidden", type=int, default=512, help="MLP width / Conv-4 channels")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -152,8 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # runs are (loop, method, level): loop "ours" (Lightning + MultiTaskModule), "torch" or "torchjd" (plain loops)
     ours = list(dict.fromkeys(["equal", *args.methods, *args.torchjd]))
+    param_levels = ["parameter" if j == "auto" else f"parameter:{j}" for j in args.jacobians]
     runs = [("ours", m, lvl) for m in ours for lvl in (
-        ("parameter", "representation") if issubclass(balancer_class(m), GradientAggregator) else ("-",))]
+        (*param_levels, "representation") if issubclass(balancer_class(m), GradientAggregator) else ("-",))]
     runs += [("torch", "equal", "-")] + [("torchjd", m, "mtl_backward") for m in args.torchjd]
     results = {"device": device_name, "settings": vars(args), "runs": []}
     header = f"{'method':>20s} {'level':>14s} {'K':>4s} {'ms/step':>9s} {'vs equal':>9s} {'ours/torchjd':>12s}"

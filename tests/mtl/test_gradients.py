@@ -38,6 +38,22 @@ def test_task_matrix_unused_parameter_gives_zero_columns():
     assert torch.isfinite(matrix).all()
 
 
+def test_vmapped_task_matrix_equals_the_loop_through_batch_norm():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    unused = nn.Parameter(torch.ones(2))
+    heads = [nn.Linear(27, 4) for _ in range(3)]
+    x, ys = torch.randn(5, 1, 8, 8), [torch.randint(0, 4, (5,)) for _ in range(3)]
+    z = backbone(x)
+    losses = torch.stack([nn.functional.cross_entropy(h(z), y) for h, y in zip(heads, ys, strict=True)])
+    params = [*backbone.parameters(), unused]
+    n = sum(p.numel() for p in params)
+    loop = G.task_matrix(list(losses), params, torch.empty(3, n))
+    vmap = G.task_matrix_vmap(losses, z, params, torch.full((3, n), float("nan")))
+    torch.testing.assert_close(vmap, loop, rtol=1e-5, atol=1e-7)
+    assert torch.equal(vmap[:, -2:], torch.zeros(3, 2))
+
+
 def test_buffer_is_reused_until_the_shape_changes():
     buffer = G.Buffer()
     a = buffer.get(3, 10, torch.device("cpu"))
@@ -70,3 +86,8 @@ def test_loss_scale_unscales_in_place_only_when_enabled():
     scale = G.LossScale(scaler)
     assert scale.enabled and scale.value() == 4.0
     assert scale.unscale_(t) is t and torch.equal(t, torch.full((3,), 2.0))
+    scale.scale(torch.ones(()))  # initialises the scaler's scale tensor, as a training step does
+    scaler.update(2.0)  # the scale changes only between steps; the cached value follows on refresh
+    assert scale.value() == 4.0
+    scale.refresh()
+    assert scale.value() == 2.0

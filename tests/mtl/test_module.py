@@ -208,6 +208,19 @@ def test_bad_configuration_is_named():
         make_model("pcgrad", architecture="soft")
     with pytest.raises(ValueError, match="level must be one of"):
         make_model("mgda", level="features")
+    with pytest.raises(ValueError, match=r"jacobian must be one of \('auto', 'loop', 'vmap'\), got 'jvp'"):
+        make_model("mgda", jacobian="jvp")
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "upgrad"])
+def test_vmapped_jacobian_trains_like_the_loop(method):
+    batches = global_batches(4)
+    loop, vmap = make_model(method, jacobian="loop"), make_model(method, jacobian="vmap")
+    torch.manual_seed(1)  # PCGrad projects in a random task order
+    fit(loop, batches)
+    torch.manual_seed(1)
+    fit(vmap, batches)
+    torch.testing.assert_close(params_vector(vmap), params_vector(loop), rtol=1e-6, atol=1e-6)
 
 
 def test_soft_sharing_penalty_is_pairwise_l2():
