@@ -1,5 +1,6 @@
 """Backbones and building blocks."""
 
 from lightning_mtl.nn.conv4 import Conv4
+from lightning_mtl.nn.resnet12 import DropBlock, ResNet12
 
-__all__ = ["Conv4"]
+__all__ = ["Conv4", "DropBlock", "ResNet12"]
