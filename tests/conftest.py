@@ -35,3 +35,14 @@ def cache_dir(tmp_path_factory) -> Path:
 def _offline_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def l2l():
+    """The learn2learn package; skipped when absent unless $LIGHTNING_MTL_REQUIRE_LEARN2LEARN is set (as `make test`
+    and CI do after `make learn2learn`), so that the parity tests cannot silently stop running there."""
+    if os.environ.get("LIGHTNING_MTL_REQUIRE_LEARN2LEARN"):
+        import learn2learn
+
+        return learn2learn
+    return pytest.importorskip("learn2learn", reason="learn2learn is not installed: run `make learn2learn`")
