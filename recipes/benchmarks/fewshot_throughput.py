@@ -1,11 +1,18 @@
-"""Few-shot throughput: Lightning Trainer vs a raw PyTorch loop of the same math, and the episode sampler.
+"""Few-shot throughput: our Lightning modules vs a raw PyTorch loop of the same math and vs learn2learn, and the
+episode sampler.
 
     python recipes/benchmarks/fewshot_throughput.py                     # CPU, fp32 and bf16-mixed
     python recipes/benchmarks/fewshot_throughput.py --accelerator cuda --precision bf16-mixed 16-mixed 32
 
-Both loops consume the same pre-drawn Omniglot episodes (real data from $LIGHTNING_MTL_DATA, else random images), the
-same Conv-4, optimizer and precision; timing starts after ``--warmup`` steps. Raw and Lightning runs alternate
-``--repeats`` times and the median step time of each is reported, with the ratio Lightning / raw.
+All loops consume the same pre-drawn Omniglot episodes (real data from $LIGHTNING_MTL_DATA, else random images), the
+same Conv-4 initialisation, optimizer and precision; timing starts after ``--warmup`` steps. The runs alternate
+``--repeats`` times and the median step time of each is reported, with the ratio ours / raw loop and the speed-up
+over learn2learn (learn2learn ms / ours ms) when it is installed (``make learn2learn``):
+
+* ProtoNet: learn2learn's ``LightningPrototypicalNetworks`` in its own Trainer (``pytorch_lightning``), fed the same
+  episodes in its ``(data, labels)`` layout (images already float, which spares it our on-device conversion);
+* MAML: learn2learn's ``MAML`` with ``clone()`` / ``adapt()`` in the plain loop of its examples (its Lightning MAML
+  is written for Lightning 1.x).
 """
 
 from __future__ import annotations
@@ -131,6 +138,75 @@ def time_lightning(make_model, episodes, accelerator, precision, warmup) -> floa
     return timer.seconds_per_step
 
 
+# ---------------------------------------------------------------- learn2learn, the peer
+def l2l_batch(ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+    """One episode in learn2learn's task layout: ``(1, N, C, H, W)`` float images and ``(1, N)`` labels."""
+    return (torch.cat([ep.support_x[0], ep.query_x[0]]).float().div_(255).unsqueeze(0),
+            torch.cat([ep.support_y[0], ep.query_y[0]]).unsqueeze(0))
+
+
+def time_l2l_protonet(episodes, accelerator, precision, warmup) -> float:
+    import pytorch_lightning as pl
+    from learn2learn.algorithms import LightningPrototypicalNetworks
+
+    class PLStepTimer(StepTimer, pl.Callback):  # the same timer, registered with pytorch_lightning's Trainer
+        pass
+
+    torch.manual_seed(0)
+    ep = episodes[0]
+    model = LightningPrototypicalNetworks(ProtoNet().backbone, train_ways=ep.ways, train_shots=ep.shots,
+                                          train_queries=ep.queries, lr=1e-3)
+    timer = PLStepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, precision=precision, max_steps=len(episodes), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    batches = [l2l_batch(e) for e in episodes]
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None, pin_memory=accelerator == "cuda"))
+    return timer.seconds_per_step
+
+
+def time_l2l_maml(episodes, device, precision, warmup) -> float:
+    import learn2learn as l2l
+
+    torch.manual_seed(0)
+    hp = MAML(ways=episodes[0].ways).hparams
+    maml = l2l.algorithms.MAML(MAML(ways=episodes[0].ways).net, lr=hp.inner_lr, first_order=hp.first_order).to(device)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    for i, ep in enumerate(episodes):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        sx, sy = ep.support_x.to(device, non_blocking=True), ep.support_y.to(device, non_blocking=True)
+        qx, qy = ep.query_x.to(device, non_blocking=True), ep.query_y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            losses = []
+            for t in range(sx.shape[0]):
+                learner = maml.clone()
+                for _ in range(hp.inner_steps):
+                    learner.adapt(F.cross_entropy(learner(sx[t].float() / 255), sy[t]))
+                losses.append(F.cross_entropy(learner(qx[t].float() / 255).float(), qy[t]))
+            loss = torch.stack(losses).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    sync(device)
+    return (time.perf_counter() - start) / (len(episodes) - warmup)
+
+
+def learn2learn_available() -> bool:
+    try:
+        import learn2learn  # noqa: F401
+        import pytorch_lightning  # noqa: F401
+    except ImportError as e:
+        print(f"[learn2learn peer skipped: {e}; run `make learn2learn`]")
+        return False
+    return True
+
+
 def sampler_rate(images: np.ndarray, n: int = 20000) -> float:
     stream = iter(EpisodeStream(EpisodeSampler(images, 5, 1, 15), seed=0))
     next(stream)
@@ -148,8 +224,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["protonet", "maml"], choices=["protonet", "maml"])
+    parser.add_argument("--no-learn2learn", action="store_true", help="skip the learn2learn peer")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    peer = not args.no_learn2learn and learn2learn_available()
     device = torch.device(args.accelerator)
 
     images, source = class_images()
@@ -165,7 +243,8 @@ def main() -> None:
                  "MAML 2nd order 5-way 1-shot 15-query, meta-batch 4"),
     }
     results = {"device": device_name, "sampler_episodes_per_s": rate, "runs": []}
-    print(f"{'method':52s} {'precision':>10s} {'raw ms':>8s} {'lightning ms':>12s} {'ratio':>6s} {'episodes/s':>10s}")
+    print(f"{'method':52s} {'precision':>10s} {'raw ms':>8s} {'lightning ms':>12s} {'ratio':>6s} {'episodes/s':>10s}"
+          f" {'l2l ms':>8s} {'l2l/ours':>8s}")
     for method in args.methods:
         make_model, sampler, raw_step, label = settings[method]
         rngs = np.random.SeedSequence(1).spawn(args.steps)
@@ -173,20 +252,29 @@ def main() -> None:
                     sampler.episode([np.random.default_rng(c) for c in s.spawn(sampler.meta_batch_size)])
                     for s in rngs]
         for precision in args.precision:
-            times: dict[str, list[float]] = {"raw": [], "lightning": []}
-            for r in range(args.repeats):  # alternate which loop goes first, so drift favours neither
-                for loop in ("raw", "lightning") if r % 2 == 0 else ("lightning", "raw"):
+            loops = ("raw", "lightning", "learn2learn") if peer else ("raw", "lightning")
+            times: dict[str, list[float]] = {loop: [] for loop in loops}
+            for r in range(args.repeats):  # alternate the order, so that drift favours no loop
+                for loop in loops if r % 2 == 0 else loops[::-1]:
                     if loop == "raw":
                         t = time_raw(make_model, raw_step, episodes, device, precision, args.warmup)
-                    else:
+                    elif loop == "lightning":
                         t = time_lightning(make_model, episodes, args.accelerator, precision, args.warmup)
+                    elif method == "protonet":
+                        t = time_l2l_protonet(episodes, args.accelerator, precision, args.warmup)
+                    else:
+                        t = time_l2l_maml(episodes, device, precision, args.warmup)
                     times[loop].append(t)
             raw_t, light_t = times["raw"], times["lightning"]
             raw_ms, light_ms = 1e3 * statistics.median(raw_t), 1e3 * statistics.median(light_t)
             eps = sampler.meta_batch_size / (light_ms / 1e3)
-            print(f"{label:52s} {precision:>10s} {raw_ms:8.2f} {light_ms:12.2f} {light_ms / raw_ms:6.3f} {eps:10.1f}")
+            l2l_ms = 1e3 * statistics.median(times["learn2learn"]) if peer else float("nan")
+            print(f"{label:52s} {precision:>10s} {raw_ms:8.2f} {light_ms:12.2f} {light_ms / raw_ms:6.3f} {eps:10.1f}"
+                  f" {l2l_ms:8.2f} {l2l_ms / light_ms:8.3f}")
             results["runs"].append({"method": label, "precision": precision, "raw_ms": raw_ms,
-                                    "lightning_ms": light_ms, "ratio": light_ms / raw_ms, "episodes_per_s": eps})
+                                    "lightning_ms": light_ms, "ratio": light_ms / raw_ms, "episodes_per_s": eps,
+                                    "learn2learn_ms": l2l_ms if peer else None,
+                                    "speedup_vs_learn2learn": l2l_ms / light_ms if peer else None})
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
