@@ -87,6 +87,11 @@ class MAML(EpisodicModule):
             params = {name: p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
         return params
 
+    def inner_lr(self, stage: str) -> float:
+        """The inner step size at ``stage`` ("train", "val" or "test")."""
+        hp = self.hparams
+        return hp.eval_inner_lr if stage != "train" and hp.eval_inner_lr is not None else hp.inner_lr
+
     def _task_logits(self, episode: Episode, i: int, steps: int, lr: float, create_graph: bool) -> Tensor:
         params = self.adapt(episode.support_x[i], episode.support_y[i], steps, lr, create_graph)
         return self(episode.query_x[i], params)  # (ways * queries, ways)
@@ -101,10 +106,10 @@ class MAML(EpisodicModule):
         if stage == "train":
             create_graph = not hp.first_order
             return torch.stack(
-                [self._task_logits(episode, i, hp.inner_steps, hp.inner_lr, create_graph)
+                [self._task_logits(episode, i, hp.inner_steps, self.inner_lr(stage), create_graph)
                  for i in range(episode.meta_batch_size)]
             )
-        lr = hp.inner_lr if hp.eval_inner_lr is None else hp.eval_inner_lr
+        lr = self.inner_lr(stage)
         # Evaluation runs under no_grad / inference_mode, but adaptation needs gradients: re-enable them locally and
         # clone the inputs, which may be inference tensors.
         with torch.inference_mode(False), torch.enable_grad():
