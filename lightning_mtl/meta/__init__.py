@@ -1,8 +1,38 @@
-"""Episodic meta-learners."""
+"""Episodic meta-learners: gradient-based (MAML / FOMAML, ANIL, Meta-SGD, Reptile), metric-based (ProtoNet, Matching,
+Relation and Siamese networks), closed-form heads (R2D2) and a learned optimizer."""
 
+from lightning_mtl.meta.anil import ANIL
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.meta.learned_optimizer import LearnedOptimizer, MetaLearnerLSTM
 from lightning_mtl.meta.maml import MAML
+from lightning_mtl.meta.matching import FullContextEmbedding, MatchingNetwork, matching_log_probs
+from lightning_mtl.meta.meta_sgd import MetaSGD
 from lightning_mtl.meta.protonet import ProtoNet, prototypes, squared_euclidean_logits
 from lightning_mtl.meta.r2d2 import R2D2, ridge_logits
+from lightning_mtl.meta.relation import RelationEmbedding, RelationNetwork, class_features
+from lightning_mtl.meta.reptile import Reptile
+from lightning_mtl.meta.siamese import KochEmbedding, SiameseNetwork, nearest_support_logits
 
-__all__ = ["MAML", "R2D2", "EpisodicModule", "ProtoNet", "prototypes", "ridge_logits", "squared_euclidean_logits"]
+__all__ = [
+    "ANIL",
+    "MAML",
+    "R2D2",
+    "EpisodicModule",
+    "FullContextEmbedding",
+    "KochEmbedding",
+    "LearnedOptimizer",
+    "MatchingNetwork",
+    "MetaLearnerLSTM",
+    "MetaSGD",
+    "ProtoNet",
+    "RelationEmbedding",
+    "RelationNetwork",
+    "Reptile",
+    "SiameseNetwork",
+    "class_features",
+    "matching_log_probs",
+    "nearest_support_logits",
+    "prototypes",
+    "ridge_logits",
+    "squared_euclidean_logits",
+]

@@ -18,10 +18,11 @@ from lightning_mtl.batches import Episode
 class EpisodicModule(L.LightningModule):
     """Base class of meta-learners trained and evaluated on :class:`~lightning_mtl.batches.Episode` batches.
 
-    Subclasses implement :meth:`episode_logits`; this class turns the query logits into the cross-entropy loss and
-    logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_ci95``, ``test/acc``, ``test/acc_ci95``
-    (1.96 · std / sqrt(n) over the test episodes) and ``test/episodes``. Per-episode accuracies are gathered across
-    processes (uneven counts allowed), so under DDP the metrics cover exactly the fixed evaluation set.
+    Subclasses implement :meth:`episode_logits`; this class turns the query logits into the loss (:meth:`episode_loss`,
+    cross-entropy unless overridden) and logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
+    ``val/acc_ci95``, ``test/acc``, ``test/acc_ci95`` (1.96 · std / sqrt(n) over the test episodes) and
+    ``test/episodes``. Per-episode accuracies are gathered across processes (uneven counts allowed), so under DDP the
+    metrics cover exactly the fixed evaluation set.
 
     Args:
         optimizer: optimizer factory called with the parameters; default Adam with lr 1e-3.
@@ -39,6 +40,14 @@ class EpisodicModule(L.LightningModule):
         """Query logits ``(B, ways * queries, ways)`` of a meta-batch; ``stage`` is "train", "val" or "test"."""
         raise NotImplementedError(f"{type(self).__name__} must implement episode_logits(episode, stage)")
 
+    def episode_loss(self, logits: Tensor, query_y: Tensor) -> Tensor:
+        """Loss of a meta-batch from its query ``logits`` ``(B, ways * queries, ways)`` and labels ``query_y``.
+
+        The default is the mean cross-entropy over all queries. Override it for methods trained with another loss
+        (e.g. the MSE of Relation Networks); the value is what training minimises and what ``*/loss`` logs.
+        """
+        return F.cross_entropy(logits.flatten(0, 1).float(), query_y.flatten())
+
     # ---------------------------------------------------------------- shared machinery
     @staticmethod
     def images(x: Tensor) -> Tensor:
@@ -47,7 +56,7 @@ class EpisodicModule(L.LightningModule):
 
     def _step(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
         logits = self.episode_logits(episode, stage)  # (B, ways * queries, ways)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), episode.query_y.flatten())
+        loss = self.episode_loss(logits, episode.query_y)
         accs = (logits.argmax(-1) == episode.query_y).float().mean(1)  # (B,) one accuracy per episode
         return loss, accs
 

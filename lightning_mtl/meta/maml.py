@@ -58,7 +58,7 @@ class MAML(EpisodicModule):
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if ways < 2:
-            raise ValueError(f"MAML needs ways >= 2, got {ways}")
+            raise ValueError(f"{type(self).__name__} needs ways >= 2, got {ways}")
         if inner_steps < 0 or eval_inner_steps < 0:
             raise ValueError(f"inner steps must be >= 0, got {inner_steps} (train) and {eval_inner_steps} (eval)")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -99,10 +99,15 @@ class MAML(EpisodicModule):
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         if episode.ways != self.hparams.ways:
             raise ValueError(
-                f"episodes are {episode.ways}-way but the MAML head has {self.hparams.ways} outputs; set model ways "
-                f"to the datamodule's ways ({episode.ways})."
+                f"episodes are {episode.ways}-way but the {type(self).__name__} head has {self.hparams.ways} outputs; "
+                f"set model ways to the datamodule's ways ({episode.ways})."
             )
         hp = self.hparams
+        if tuple(episode.support_x.shape[-3:]) != tuple(hp.image_shape):
+            raise ValueError(
+                f"episodes hold images of shape {tuple(episode.support_x.shape[-3:])} but the head was sized for "
+                f"image_shape {tuple(hp.image_shape)}; set model image_shape to the datamodule's (C, H, W)."
+            )
         if stage == "train":
             create_graph = not hp.first_order
             return torch.stack(

@@ -101,3 +101,10 @@ def test_maml_rejects_mismatched_ways():
     model = MAML(ways=5, backbone=nn.Flatten(), image_shape=(1, 2, 2))
     with pytest.raises(ValueError, match="episodes are 3-way but the MAML head has 5 outputs"):
         model.episode_logits(tiny_episode(ways=3), "train")
+
+
+def test_maml_rejects_images_the_head_was_not_sized_for():
+    model = MAML(ways=5, backbone=nn.Flatten(), image_shape=(1, 3, 3))  # the head expects 9 features
+    with pytest.raises(ValueError, match=r"images of shape \(1, 2, 2\) but the head was sized for image_shape "
+                                         r"\(1, 3, 3\); set model image_shape"):
+        model.episode_logits(tiny_episode(ways=5), "train")

@@ -1,0 +1,84 @@
+"""Meta-SGD: MAML with a learned step size for every parameter.
+
+Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", arXiv:1707.09835, 2017.
+
+Each parameter tensor theta has a learned step-size tensor alpha of the same shape, and a task adapts with
+
+    theta'_i = theta - alpha ⊙ grad_theta L_support(theta)                  (⊙: element-wise product)
+
+so alpha sets both the size and, through its signs, the direction of each coordinate's update. The meta loss is the
+mean over the meta-batch of L_query(theta'_i), minimised over theta AND alpha by the outer optimizer (the meta-
+gradient with respect to alpha is -grad L_support ⊙ grad L_query for one step). The paper adapts in one step at
+training and test time; more steps (``inner_steps``) reuse the same alpha. Arguments, the default transductive-
+BatchNorm :class:`~lightning_mtl.nn.Conv4` and evaluation (gradients re-enabled under ``inference_mode``) are
+:class:`~lightning_mtl.meta.maml.MAML`'s. The paper draws alpha at random; here every entry starts at ``alpha_init``
+(MAML's step size is the natural choice), which makes step 0 exactly MAML's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_mtl.meta.maml import MAML
+
+
+class MetaSGD(MAML):
+    """Meta-SGD classifier: ``backbone`` → linear head of ``ways`` outputs, adapted with learned per-parameter steps.
+
+    Args:
+        ways: classes per episode (size of the head); must match the datamodule's ways.
+        backbone: feature extractor ``(N, C, H, W) → (N, D)``; default :class:`Conv4` without running BatchNorm
+            statistics (transductive).
+        image_shape: ``(C, H, W)`` of the inputs, used once to size the head.
+        alpha_init: initial value of every entry of the step sizes alpha (then meta-learned).
+        inner_steps: adaptation steps during training (the paper uses 1).
+        eval_inner_steps: adaptation steps at validation / test (the paper uses 1, as in training).
+        first_order: do not differentiate through the inner gradients (alpha still gets its meta-gradient).
+        optimizer: outer optimizer factory, over theta and alpha; default Adam, lr 1e-3.
+        lr_scheduler: outer scheduler factory, stepped every meta-batch.
+
+    Raises:
+        ValueError: ``ways < 2`` or a negative number of steps.
+    """
+
+    def __init__(
+        self,
+        ways: int = 5,
+        backbone: nn.Module | None = None,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        alpha_init: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int = 1,
+        first_order: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(
+            ways=ways, backbone=backbone, image_shape=image_shape, inner_lr=alpha_init, inner_steps=inner_steps,
+            eval_inner_lr=None, eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+        )
+        # one alpha per parameter tensor of self.net, in named_parameters() order (full_like keeps memory formats)
+        self.alpha = nn.ParameterList([nn.Parameter(torch.full_like(p, alpha_init)) for p in self.net.parameters()])
+
+    def inner_lr(self, stage: str) -> float:
+        return 0.0  # unused: the learned alpha replaces the scalar step size
+
+    def adapt(self, x: Tensor, y: Tensor, steps: int, lr: float, create_graph: bool) -> dict[str, Tensor]:
+        """Parameters after ``steps`` updates ``theta - alpha ⊙ grad`` on the support set ``(x, y)``.
+
+        ``lr`` is ignored: the learned alpha sets every step. With ``create_graph=True`` the result is differentiable
+        with respect to theta and alpha (second order); otherwise the inner gradients are constants, and the result is
+        still differentiable with respect to alpha.
+        """
+        params = dict(self.net.named_parameters())
+        for _ in range(steps):
+            loss = F.cross_entropy(self(x, params), y)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+            params = {
+                name: p - a * g for (name, p), a, g in zip(params.items(), self.alpha, grads, strict=True)
+            }
+        return params

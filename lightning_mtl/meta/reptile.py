@@ -1,0 +1,197 @@
+"""Reptile: first-order meta-learning by moving towards the task-adapted weights.
+
+Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", arXiv:1803.02999, 2018.
+
+For each task i of the meta-batch, phi_i = U^k(theta): ``inner_steps`` (k) steps of SGD or Adam on the task's data
+starting from theta; then
+
+    theta <- theta + epsilon_t * (mean_i phi_i - theta),    epsilon_t = epsilon + (epsilon_final - epsilon) * t / T
+
+with the outer step size epsilon linearly annealed over the T = ``trainer.max_steps`` meta-iterations (to 0 in the
+paper). No gradient flows through the inner loop. The update is applied as one step of plain SGD with learning rate
+epsilon_t on the "gradient" theta - mean_i phi_i (manual optimization), averaged over processes under DDP.
+
+A task's training data is its support AND query set together: Reptile has no support/query split in training, so
+the whole episode is the task's data (the paper samples ``train_shots`` examples per class). The inner loop takes
+mini-batches of ``inner_batch_size`` examples without replacement, reshuffling after each pass. Evaluation is as in
+MAML: adapt on the support set for ``eval_inner_steps`` steps, classify the query set (BatchNorm transductive with
+the default :class:`~lightning_mtl.nn.Conv4`, as the paper's transductive results). Inner Adam (the paper's Omniglot
+setup, with beta1 = 0) starts from a fresh state for every task, so a task's adaptation depends on that task alone;
+the paper's code carries Adam's moments from task to task. ``train/loss`` and ``train/acc`` are those of the last
+inner mini-batch before its update, averaged over the meta-batch: how well a task is fit after k - 1 steps.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_mtl.batches import Episode
+from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.nn import Conv4
+
+
+class Reptile(EpisodicModule):
+    """Reptile classifier: ``backbone`` followed by a linear head of ``ways`` outputs, trained with Reptile updates.
+
+    Args:
+        ways: classes per episode (size of the head); must match the datamodule's ways.
+        backbone: feature extractor ``(N, C, H, W) → (N, D)``; default :class:`Conv4` without running BatchNorm
+            statistics (transductive).
+        image_shape: ``(C, H, W)`` of the inputs, used once to size the head.
+        inner_optimizer: ``"sgd"`` (plain gradient steps) or ``"adam"`` (the paper's choice, with ``inner_betas``).
+        inner_lr: step size of the inner optimizer during training.
+        inner_steps: inner updates k per task during training.
+        inner_batch_size: examples per inner update; ``None`` uses all the task's data in every update.
+        inner_betas: Adam's (beta1, beta2) in the inner loop; the paper's code uses beta1 = 0.
+        outer_lr: outer step size epsilon at the first meta-iteration.
+        outer_lr_final: outer step size reached at ``trainer.max_steps`` (linear annealing; the paper anneals to 0).
+        eval_inner_lr: inner step size at validation / test; ``None`` uses ``inner_lr``.
+        eval_inner_steps: inner updates at validation / test, on the whole support set (the paper uses 50).
+
+    Raises:
+        ValueError: ``ways < 2``, an unknown ``inner_optimizer``, non-positive step counts, sizes or step sizes.
+    """
+
+    def __init__(
+        self,
+        ways: int = 5,
+        backbone: nn.Module | None = None,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        inner_optimizer: Literal["sgd", "adam"] = "adam",
+        inner_lr: float = 1e-3,
+        inner_steps: int = 5,
+        inner_batch_size: int | None = 10,
+        inner_betas: tuple[float, float] = (0.0, 0.999),
+        outer_lr: float = 1.0,
+        outer_lr_final: float = 0.0,
+        eval_inner_lr: float | None = None,
+        eval_inner_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if ways < 2:
+            raise ValueError(f"Reptile needs ways >= 2, got {ways}")
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if inner_steps < 1 or eval_inner_steps < 0:
+            raise ValueError(f"need inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
+        if inner_batch_size is not None and inner_batch_size < 1:
+            raise ValueError(f"inner_batch_size must be >= 1 or None (whole task), got {inner_batch_size}")
+        if inner_lr <= 0 or outer_lr <= 0 or outer_lr_final < 0:
+            raise ValueError(f"need inner_lr > 0, outer_lr > 0, outer_lr_final >= 0; got {inner_lr}, {outer_lr}, "
+                             f"{outer_lr_final}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.automatic_optimization = False
+        backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0], track_running_stats=False)
+        with torch.no_grad():
+            features = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
+        self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(features, ways))
+
+    def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
+        """Logits of images ``x`` under ``params`` (the module's own parameters if ``None``)."""
+        x = self.images(x)
+        return self.net(x) if params is None else functional_call(self.net, params, (x,), strict=False)
+
+    def task_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The inner-loop objective: mean cross-entropy (override for other losses)."""
+        return F.cross_entropy(logits, y)
+
+    def adapt(
+        self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Run ``steps`` inner-optimizer updates from the module's parameters on the task data ``(x, y)``.
+
+        Returns:
+            The adapted parameters phi (detached, keyed like ``self.net.named_parameters()``), and the loss and
+            accuracy of the last mini-batch before its update (``nan`` when ``steps == 0``).
+        """
+        params = {name: p.detach().clone().requires_grad_() for name, p in self.net.named_parameters()}
+        leaves = list(params.values())
+        if self.hparams.inner_optimizer == "adam":
+            inner = torch.optim.Adam(leaves, lr=lr, betas=self.hparams.inner_betas)
+        else:
+            inner = torch.optim.SGD(leaves, lr=lr)
+        n = x.shape[0]
+        size = n if batch_size is None else min(batch_size, n)
+        # consecutive slices of back-to-back random permutations: passes without replacement over the task's data
+        order = torch.cat([torch.randperm(n, device=x.device) for _ in range(-(-steps * size // n))])
+        loss = acc = torch.tensor(float("nan"), device=x.device)
+        for step in range(steps):
+            idx = order[step * size : (step + 1) * size]
+            logits = self(x[idx], params)
+            loss = self.task_loss(logits, y[idx])
+            for p, g in zip(leaves, torch.autograd.grad(loss, leaves), strict=True):
+                p.grad = g
+            inner.step()
+        if steps:
+            acc = (logits.argmax(-1) == y[idx]).float().mean()
+        return {name: p.detach() for name, p in params.items()}, loss.detach(), acc
+
+    def _check_episode(self, episode: Episode) -> None:
+        hp = self.hparams
+        if episode.ways != hp.ways:
+            raise ValueError(
+                f"episodes are {episode.ways}-way but the Reptile head has {hp.ways} outputs; set model ways to the "
+                f"datamodule's ways ({episode.ways})."
+            )
+        if tuple(episode.support_x.shape[-3:]) != tuple(hp.image_shape):
+            raise ValueError(
+                f"episodes hold images of shape {tuple(episode.support_x.shape[-3:])} but the head was sized for "
+                f"image_shape {tuple(hp.image_shape)}; set model image_shape to the datamodule's (C, H, W)."
+            )
+
+    def outer_step_size(self, step: int, total_steps: int) -> float:
+        """epsilon_t = epsilon + (epsilon_final - epsilon) * step / total_steps (the paper's linear annealing)."""
+        frac = min(step / total_steps, 1.0)
+        return self.hparams.outer_lr + (self.hparams.outer_lr_final - self.hparams.outer_lr) * frac
+
+    def configure_optimizers(self):
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("Reptile anneals its outer step size over trainer.max_steps; set trainer.max_steps > 0.")
+        # SGD with lr epsilon_t on the gradient theta - mean phi is exactly theta + epsilon_t (mean phi - theta)
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.outer_lr)
+        scale = lambda step: self.outer_step_size(step, total) / self.hparams.outer_lr  # noqa: E731
+        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, scale)]
+
+    def training_step(self, episode: Episode, batch_idx: int) -> None:
+        self._check_episode(episode)
+        log = self.logs_this_step()  # decided before optimizer.step() advances global_step
+        hp = self.hparams
+        x = torch.cat([episode.support_x, episode.query_x], 1)  # (B, ways * (shots + queries), C, H, W)
+        y = torch.cat([episode.support_y, episode.query_y], 1)
+        b = episode.meta_batch_size
+        phis, losses, accs = zip(*(self.adapt(x[i], y[i], hp.inner_steps, hp.inner_lr, hp.inner_batch_size)
+                                   for i in range(b)), strict=True)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        for name, p in self.net.named_parameters():
+            mean_phi = sum(phi[name] for phi in phis) / b
+            if self._trainer is not None:  # average over processes, so that every rank applies the same update
+                mean_phi = self.trainer.strategy.reduce(mean_phi, reduce_op="mean")
+            p.grad = p.detach() - mean_phi
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        if log:
+            self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b)
+            self.log("train/acc", torch.stack(accs).mean(), prog_bar=True, batch_size=b)
+
+    def episode_logits(self, episode: Episode, stage: str) -> Tensor:
+        """Query logits ``(B, ways * queries, ways)`` after adapting on each support set (validation / test)."""
+        self._check_episode(episode)
+        hp = self.hparams
+        steps = hp.inner_steps if stage == "train" else hp.eval_inner_steps
+        lr = hp.inner_lr if stage == "train" or hp.eval_inner_lr is None else hp.eval_inner_lr
+        # Evaluation runs under no_grad / inference_mode, but adaptation needs gradients: re-enable them locally and
+        # clone the inputs, which may be inference tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            episode = Episode(*(t.clone() for t in episode[:4]), episode.ways)
+            logits = []
+            for i in range(episode.meta_batch_size):
+                phi, _, _ = self.adapt(episode.support_x[i], episode.support_y[i], steps, lr, None)
+                logits.append(self(episode.query_x[i], phi).detach())
+        return torch.stack(logits)
