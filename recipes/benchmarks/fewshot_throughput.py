@@ -11,6 +11,8 @@ over learn2learn (learn2learn ms / ours ms) when it is installed (``make learn2l
 
 * ProtoNet: learn2learn's ``LightningPrototypicalNetworks`` in its own Trainer (``pytorch_lightning``), fed the same
   episodes in its ``(data, labels)`` layout (images already float, which spares it our on-device conversion);
+* both peers get our Conv-4 exactly (``--l2l-layout same``, the default: the same kernels, so the ratio measures the
+  framework code) or the same network in PyTorch's default NCHW layout (``nchw``: what a plain Conv-4 costs);
 * MAML: learn2learn's ``MAML`` with ``clone()`` / ``adapt()`` in the plain loop of its examples (its Lightning MAML
   is written for Lightning 1.x).
 """
@@ -34,6 +36,7 @@ from lightning_mtl import Episode
 from lightning_mtl.callbacks import StepTimer
 from lightning_mtl.datamodules import EpisodeSampler, EpisodeStream, OmniglotEpisodes
 from lightning_mtl.meta import MAML, ProtoNet, prototypes, squared_euclidean_logits
+from lightning_mtl.nn import Conv4
 
 
 def class_images(n_classes: int = 4112) -> tuple[np.ndarray, str]:
@@ -145,7 +148,12 @@ def l2l_batch(ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
             torch.cat([ep.support_y[0], ep.query_y[0]]).unsqueeze(0))
 
 
-def time_l2l_protonet(episodes, accelerator, precision, warmup) -> float:
+def l2l_backbone(layout: str, transductive: bool) -> torch.nn.Module:
+    """The peer's Conv-4: ours exactly (``same``), or the same architecture in PyTorch's default NCHW layout."""
+    return Conv4(in_channels=1, track_running_stats=not transductive, channels_last=layout == "same")
+
+
+def time_l2l_protonet(episodes, accelerator, precision, warmup, layout="same") -> float:
     import pytorch_lightning as pl
     from learn2learn.algorithms import LightningPrototypicalNetworks
 
@@ -154,7 +162,7 @@ def time_l2l_protonet(episodes, accelerator, precision, warmup) -> float:
 
     torch.manual_seed(0)
     ep = episodes[0]
-    model = LightningPrototypicalNetworks(ProtoNet().backbone, train_ways=ep.ways, train_shots=ep.shots,
+    model = LightningPrototypicalNetworks(l2l_backbone(layout, False), train_ways=ep.ways, train_shots=ep.shots,
                                           train_queries=ep.queries, lr=1e-3)
     timer = PLStepTimer(warmup)
     trainer = pl.Trainer(
@@ -167,12 +175,13 @@ def time_l2l_protonet(episodes, accelerator, precision, warmup) -> float:
     return timer.seconds_per_step
 
 
-def time_l2l_maml(episodes, device, precision, warmup) -> float:
+def time_l2l_maml(episodes, device, precision, warmup, layout="same") -> float:
     import learn2learn as l2l
 
     torch.manual_seed(0)
-    hp = MAML(ways=episodes[0].ways).hparams
-    maml = l2l.algorithms.MAML(MAML(ways=episodes[0].ways).net, lr=hp.inner_lr, first_order=hp.first_order).to(device)
+    model = MAML(ways=episodes[0].ways, backbone=l2l_backbone(layout, True))
+    hp = model.hparams
+    maml = l2l.algorithms.MAML(model.net, lr=hp.inner_lr, first_order=hp.first_order).to(device)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     for i, ep in enumerate(episodes):
@@ -225,6 +234,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["protonet", "maml"], choices=["protonet", "maml"])
     parser.add_argument("--no-learn2learn", action="store_true", help="skip the learn2learn peer")
+    parser.add_argument("--l2l-layout", default="same", choices=["same", "nchw"],
+                        help="the peer's Conv-4: ours exactly (channels-last), or the same network in NCHW layout")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     peer = not args.no_learn2learn and learn2learn_available()
@@ -261,9 +272,9 @@ def main() -> None:
                     elif loop == "lightning":
                         t = time_lightning(make_model, episodes, args.accelerator, precision, args.warmup)
                     elif method == "protonet":
-                        t = time_l2l_protonet(episodes, args.accelerator, precision, args.warmup)
+                        t = time_l2l_protonet(episodes, args.accelerator, precision, args.warmup, args.l2l_layout)
                     else:
-                        t = time_l2l_maml(episodes, device, precision, args.warmup)
+                        t = time_l2l_maml(episodes, device, precision, args.warmup, args.l2l_layout)
                     times[loop].append(t)
             raw_t, light_t = times["raw"], times["lightning"]
             raw_ms, light_ms = 1e3 * statistics.median(raw_t), 1e3 * statistics.median(light_t)
