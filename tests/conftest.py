@@ -46,3 +46,11 @@ def l2l():
 
         return learn2learn
     return pytest.importorskip("learn2learn", reason="learn2learn is not installed: run `make learn2learn`")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_seed():
+    """``seed_everything`` (a recipe's ``seed_everything: 0`` too) exports PL_GLOBAL_SEED, which makes Lightning reseed
+    the ranks of any later DDP subprocess; keep each test's seed to itself."""
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)

@@ -115,7 +115,9 @@ def test_equal_weighting_is_sum_of_task_gradients():
 @pytest.mark.parametrize("balancer,level", [("pcgrad", "parameter"), ("mgda", "parameter"), ("upgrad", "parameter"),
                                             ("uncertainty", "parameter"), ("mgda", "representation")])
 def test_ddp_two_processes_equal_single_process(balancer, level, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # PL_GLOBAL_SEED (left by any earlier seed_everything) would make Lightning reseed the ranks differently from the
+    # single process
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PL_")}, "PYTHONUNBUFFERED": "1"}
     outs = {}
     for devices in (1, 2):
         out = tmp_path / f"{devices}.pt"
