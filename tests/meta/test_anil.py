@@ -6,26 +6,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from meta_helpers import meta_loss, tiny_episode
 from torch import nn
 
-from lightning_mtl import Episode
 from lightning_mtl.meta.anil import ANIL
 from lightning_mtl.meta.maml import MAML
-
-
-def tiny_episode(ways=3, shots=2, queries=2, meta_batch=2, seed=0) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(meta_batch, ways * shots, 1, 2, 2, generator=g, dtype=torch.float64)
-    qx = torch.randn(meta_batch, ways * queries, 1, 2, 2, generator=g, dtype=torch.float64)
-    sy = torch.arange(ways).repeat_interleave(shots).expand(meta_batch, -1)
-    qy = torch.arange(ways).repeat_interleave(queries).expand(meta_batch, -1)
-    return Episode(sx, sy, qx, qy, ways)
-
-
-def meta_loss(model: MAML, episode: Episode) -> torch.Tensor:
-    logits = model.episode_logits(episode, "train")
-    return F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
