@@ -66,15 +66,19 @@ class GradNorm(LossWeighting):
             return weighted
         if not shared_params:
             raise ValueError("GradNorm needs shared_params (e.g. the last shared layer's weights) during training")
-        return weighted + self.gradnorm_loss(stacked, shared_params)
+        return weighted + self.gradnorm_loss([losses[t] for t in self.tasks], shared_params)
 
-    def gradnorm_loss(self, stacked: Tensor, shared_params: list[Tensor]) -> Tensor:
-        """``L_grad`` for the ``(tasks,)`` losses ``stacked``; records ``L(0)`` on its first call."""
-        losses = stacked.detach().float()
+    def gradnorm_loss(self, task_losses: list[Tensor], shared_params: list[Tensor]) -> Tensor:
+        """``L_grad`` for the task losses (in task order); records ``L(0)`` on its first call.
+
+        Each norm is taken from the task's own loss tensor, not from an element of the stacked vector: the backward
+        pass of ``stacked[k]`` would send zero gradients into every other task's graph, K backward passes per task.
+        """
+        losses = torch.stack([loss.detach().reshape(()) for loss in task_losses]).float()
         if not self.initialized:
             self.initial_losses.copy_(losses)
             self.initialized.fill_(True)
-        norms = torch.stack([self._grad_norm(loss, shared_params) for loss in stacked])  # (tasks,), constants
+        norms = torch.stack([self._grad_norm(loss, shared_params) for loss in task_losses])  # (tasks,), constants
         g = self.task_weights * norms  # G_k = ||grad_W (w_k L_k)||, differentiable in w only
         rate = losses / self.initial_losses.clamp_min(torch.finfo(losses.dtype).tiny)
         target = (g.mean() * (rate / rate.mean()) ** self.alpha).detach()
