@@ -1,9 +1,10 @@
 """Shared machinery of the image episodic datamodules: episode settings, class-major split arrays and dataloaders.
 
-:class:`EpisodicImages` is the base of :class:`~lightning_mtl.datamodules.image_folder.ImageFolderEpisodes` and
-:class:`~lightning_mtl.datamodules.mini_imagenet.MiniImageNetEpisodes`; it serves the same
-:class:`~lightning_mtl.Episode` batches, streams and fixed evaluation sets as
-:class:`~lightning_mtl.datamodules.OmniglotEpisodes` (see :mod:`lightning_mtl.datamodules.episodes`).
+:class:`EpisodicImages` is the base of :class:`~lightning_mtl.datamodules.OmniglotEpisodes`,
+:class:`~lightning_mtl.datamodules.image_folder.ImageFolderEpisodes` and
+:class:`~lightning_mtl.datamodules.mini_imagenet.MiniImageNetEpisodes`: they serve the same
+:class:`~lightning_mtl.Episode` batches, streams and fixed evaluation sets (see
+:mod:`lightning_mtl.datamodules.episodes`).
 """
 
 from __future__ import annotations

@@ -26,13 +26,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
+from lightning_mtl.datamodules._episodic import EpisodeSettings, EpisodicImages
 from lightning_mtl.datamodules._omniglot_archives import DRAWINGS_PER_CHARACTER, OmniglotArchives
 from lightning_mtl.datamodules._paths import resolve_cache_dir, resolve_data_root
-from lightning_mtl.datamodules.episodes import EpisodeSampler, EpisodeStream, FixedEpisodes
+from lightning_mtl.datamodules.episodes import EpisodeSampler
 
 # Vinyals split lists as published with Snell et al.'s prototypical-networks code.
 SPLIT_URL = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals/{split}.txt"
@@ -45,7 +44,7 @@ SPLIT_SHA256 = {
 _SPLIT_LINE = re.compile(r"^(?P<char>[^/]+/character\d+)/rot(?P<rot>000|090|180|270)$")
 
 
-class OmniglotEpisodes(L.LightningDataModule):
+class OmniglotEpisodes(EpisodicImages):
     """Omniglot N-way K-shot Q-query episodes.
 
     Args:
@@ -94,7 +93,10 @@ class OmniglotEpisodes(L.LightningDataModule):
         eval_seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(EpisodeSettings(
+            train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
+            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers,
+        ))
         if protocol not in ("vinyals", "lake"):
             raise ValueError(f"protocol must be 'vinyals' or 'lake', got {protocol!r}")
         if train_split not in ("train", "trainval"):
@@ -113,7 +115,6 @@ class OmniglotEpisodes(L.LightningDataModule):
         self.root = resolve_data_root(root)
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.archives = OmniglotArchives(self.root, self.cache_dir, image_size, download)
-        self.samplers: dict[str, EpisodeSampler] = {}
 
     # ------------------------------------------------------------------ sources
     @property
@@ -172,41 +173,6 @@ class OmniglotEpisodes(L.LightningDataModule):
         train_split = hp.train_split if hp.protocol == "vinyals" else "train"
         splits = {"train": train_split, "val": "val", "test": "test"}
         for stage_name, split in splits.items():
-            classes = self._split_classes(payload, split)
-            train = stage_name == "train"
-            self.samplers[stage_name] = EpisodeSampler(
-                classes,
-                ways=hp.train_ways if train else hp.eval_ways,
-                shots=hp.train_shots if train else hp.eval_shots,
-                queries=hp.train_queries if train else hp.eval_queries,
-                meta_batch_size=hp.meta_batch_size if train else hp.eval_meta_batch_size,
-                name=f"Omniglot {hp.protocol}/{split}",
-            )
-
-    def num_classes(self, stage: str) -> int:
-        """Number of classes of ``stage`` (``"train"``, ``"val"`` or ``"test"``) after :meth:`setup`."""
-        return self.samplers[stage].num_classes
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
-
-    def _loader(self, dataset) -> DataLoader:
-        workers = self.hparams.num_workers
-        # batch_size=None: the datasets yield whole meta-batches, so no collation happens.
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, _ = self._rank()
-        return self._loader(EpisodeStream(self.samplers["train"], self.hparams.seed, rank=rank))
-
-    def _eval_dataloader(self, stage: str) -> DataLoader:
-        rank, world = self._rank()
-        count = self.hparams.val_episodes if stage == "val" else self.hparams.test_episodes
-        return self._loader(FixedEpisodes(self.samplers[stage], count, self.hparams.eval_seed, stage, rank, world))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_dataloader("test")
+            ways, shots, queries, batch = self.episodes.shape(stage_name)
+            self.samplers[stage_name] = EpisodeSampler(self._split_classes(payload, split), ways, shots, queries,
+                                                       batch, name=f"Omniglot {hp.protocol}/{split}")
