@@ -94,3 +94,29 @@ def test_training_without_shared_params_raises():
     shared, heads, x, y = _setup()
     with pytest.raises(ValueError, match="shared_params"):
         create_balancer("gradnorm", ["a", "b"])(_losses(shared, heads, x, y))
+
+
+def test_last_layer_norms_use_only_the_last_shared_weight():
+    torch.manual_seed(0)
+    first, last = nn.Linear(3, 5), nn.Linear(5, 4)
+    heads = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    h = last(torch.relu(first(x)))
+    losses = {t: (heads[t](h).squeeze(1) - y[:, i]).pow(2).mean() for i, t in enumerate(["a", "b"])}
+    shared = [first.weight, first.bias, last.weight, last.bias]
+    balancer = create_balancer("gradnorm", ["a", "b"], norm_params="last")
+    assert balancer.select_params(shared) == [last.weight]
+    balancer(losses, shared).backward(retain_graph=True)
+    norms = torch.stack([_grad_norm(losses[t], last.weight) for t in ["a", "b"]])
+    expected = torch.sign(norms - norms.mean()) * norms  # first step, weights 1 (see the test above)
+    torch.testing.assert_close(balancer.task_weights.grad, expected, atol=1e-5, rtol=1e-5)
+    everything = create_balancer("gradnorm", ["a", "b"], norm_params="all")
+    assert everything.select_params(shared) == shared
+
+
+def test_last_layer_needs_a_weight_matrix():
+    balancer = create_balancer("gradnorm", ["a", "b"], norm_params="last")
+    with pytest.raises(ValueError, match="norm_params='last' needs a shared weight with >= 2 dimensions"):
+        balancer.select_params([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="norm_params must be 'all' or 'last'"):
+        create_balancer("gradnorm", ["a", "b"], norm_params="first")
