@@ -23,6 +23,7 @@ inner mini-batch before its update, averaged over the meta-batch: how well a tas
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -33,6 +34,19 @@ from torch.func import functional_call
 from lightning_mtl.batches import Episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
+
+
+def _autocast_without_cache(device_type: str) -> contextlib.AbstractContextManager:
+    """The current autocast state (if any) with its weight-cast cache off.
+
+    Autocast caches the low-precision copy of every leaf tensor that requires grad until the outermost autocast
+    region exits, and does not notice in-place updates. Lightning's mixed precision wraps the whole training step in
+    one region, so without this every inner step after the first would run on the bf16/fp16 copy of the initial
+    weights (found by tests/distributed/test_matrix.py: 23% off the fp32 update).
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 class Reptile(EpisodicModule):
@@ -120,13 +134,14 @@ class Reptile(EpisodicModule):
         # consecutive slices of back-to-back random permutations: passes without replacement over the task's data
         order = torch.cat([torch.randperm(n, device=x.device) for _ in range(-(-steps * size // n))])
         loss = acc = torch.tensor(float("nan"), device=x.device)
-        for step in range(steps):
-            idx = order[step * size : (step + 1) * size]
-            logits = self(x[idx], params)
-            loss = self.task_loss(logits, y[idx])
-            for p, g in zip(leaves, torch.autograd.grad(loss, leaves), strict=True):
-                p.grad = g
-            inner.step()
+        with _autocast_without_cache(x.device.type):  # the inner optimizer updates the leaves in place
+            for step in range(steps):
+                idx = order[step * size : (step + 1) * size]
+                logits = self(x[idx], params)
+                loss = self.task_loss(logits, y[idx])
+                for p, g in zip(leaves, torch.autograd.grad(loss, leaves), strict=True):
+                    p.grad = g
+                inner.step()
         if steps:
             acc = (logits.argmax(-1) == y[idx]).float().mean()
         return {name: p.detach() for name, p in params.items()}, loss.detach(), acc

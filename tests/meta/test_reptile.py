@@ -182,3 +182,22 @@ def test_real_omniglot_training_steps(omniglot_root, cache_dir, tmp_path):
     metrics = trainer.callback_metrics
     assert trainer.global_step == 2 and torch.isfinite(metrics["train/loss"]) and 0 <= metrics["val/acc"] <= 1
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_inner_steps_see_the_updated_weights_under_mixed_precision():
+    """Autocast caches low-precision copies of leaf weights for the whole region; the in-place inner updates must
+    not be hidden by that cache (else every inner step reuses the copy of theta)."""
+    model = tiny_reptile(inner_optimizer="sgd", inner_lr=0.5, inner_steps=3, inner_batch_size=None)
+    episode = tiny_episode(meta_batch=1)
+    x, y = (t.float() if t.is_floating_point() else t for t in task_data(episode, 0))
+    params = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    for _ in range(3):  # reference: every step in its own autocast region, out-of-place updates
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            leaves = {n: p.requires_grad_() for n, p in params.items()}
+            loss = F.cross_entropy(model(x, leaves).float(), y)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        params = {n: (p - 0.5 * g).detach() for (n, p), g in zip(leaves.items(), grads, strict=True)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # one region around the whole inner loop, as Lightning does
+        phi, _, _ = model.adapt(x, y, steps=3, lr=0.5, batch_size=None)
+    for n, p in params.items():
+        torch.testing.assert_close(phi[n], p, atol=1e-6, rtol=1e-5)
