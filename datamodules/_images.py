@@ -4,6 +4,10 @@ The cache is one ``torch.save`` file in the writable cache directory (never the 
 holding ``images`` ``(N, C, H, W)`` uint8 (class-major), ``classes`` and ``counts`` (images per class) plus extra
 entries of the caller. Its name carries a hash of the sources and the settings; an unreadable cache is rebuilt with a
 warning, and a new one is written atomically so that a killed run never leaves a truncated file behind.
+
+Source hashes: a zip archive is hashed by content (one sequential read, small next to decoding it), a folder by the
+relative path, size and modification time of each file (reading tens of thousands of files on every run would cost
+as much as decoding them; any rewrite of a file changes its mtime, as make and rsync assume).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import hashlib
 import io
 import os
 import stat
+import uuid
 import warnings
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -44,7 +50,10 @@ def decode_image(data: bytes, where: str, size: int, channels: int) -> np.ndarra
                 img = img.resize((size, size), Image.Resampling.LANCZOS)
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"corrupt or unreadable image {where} ({e}); replace it or remove it from the dataset.") from e
+        # PIL's UnidentifiedImageError message names an in-memory buffer (an address), not the file
+        reason = "not a recognised image format" if isinstance(e, UnidentifiedImageError) else e
+        raise ValueError(f"corrupt or unreadable image {where} ({reason}); replace it or remove it from the "
+                         f"dataset.") from e
     return array.transpose(2, 0, 1) if channels == 3 else array[None]
 
 
@@ -55,9 +64,11 @@ def _hidden(name: str) -> bool:
 class FileTree:
     """The regular files of a folder or of a zip archive, by relative POSIX path, read without extracting.
 
-    Entries that could escape the tree are refused: zip members with absolute paths, drive letters or ``..``
-    components, symbolic links (in zips and folders) and oversized zip members. Hidden files (``.*``, ``__MACOSX``)
-    are skipped.
+    Entries that could escape the tree or that are not plain files are refused, with an error naming the archive
+    and the entry: zip members with absolute paths, drive letters or ``..`` components, symbolic links and device,
+    FIFO or socket entries (in zips and folders), members listed twice (which copy is read would be ambiguous) and
+    oversized zip members. Zips have no hard links. Hidden files (``.*``, ``__MACOSX``) are skipped. Nothing is
+    extracted: members are read in place, and their CRC-32 is checked as they are read.
 
     Args:
         path: a folder or a ``.zip`` file.
@@ -72,7 +83,8 @@ class FileTree:
             try:
                 self._zip = zipfile.ZipFile(self.path)
             except zipfile.BadZipFile as e:
-                raise ValueError(f"{self.path} is not a readable zip archive ({e}); pass a folder or a zip.") from e
+                raise ValueError(f"{self.path} is not a readable zip archive ({e}); pass a folder or a zip. A "
+                                 f"truncated (partially downloaded) zip reads like this: replace it.") from e
         return self
 
     def __exit__(self, *exc) -> None:
@@ -81,11 +93,12 @@ class FileTree:
             self._zip = None
 
     def _refuse(self, name: str, why: str) -> None:
-        raise ValueError(f"{self.path}: refusing {name!r} ({why}); the dataset may be malicious or broken.")
+        raise ValueError(f"{self.path}: refusing {name!r} ({why}); the dataset may be malicious or broken: remove "
+                         f"that entry or use a clean copy of the dataset.")
 
     def files(self) -> list[str]:
         """Sorted relative paths of the regular, non-hidden files."""
-        out = []
+        out, seen = [], set()
         if self._zip is not None:
             for info in self._zip.infolist():
                 name = info.filename
@@ -94,8 +107,14 @@ class FileTree:
                     self._refuse(name, "absolute path")
                 if ".." in parts:
                     self._refuse(name, "'..' path component")
-                if stat.S_ISLNK(info.external_attr >> 16):
+                mode = info.external_attr >> 16  # Unix st_mode when the zip was made on Unix, else 0
+                if stat.S_ISLNK(mode):
                     self._refuse(name, "symbolic link")
+                if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    self._refuse(name, "device, FIFO or socket, not a regular file")
+                if name in seen:
+                    self._refuse(name, "listed twice in the archive")
+                seen.add(name)
                 if info.file_size > MAX_MEMBER_BYTES:
                     self._refuse(name, f"{info.file_size} bytes uncompressed, more than any image")
                 if not info.is_dir() and not _hidden(name):
@@ -103,16 +122,28 @@ class FileTree:
         else:
             for folder, dirs, names in os.walk(self.path):
                 for n in dirs + names:
-                    if os.path.islink(os.path.join(folder, n)):
+                    mode = os.lstat(os.path.join(folder, n)).st_mode
+                    if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                         rel = Path(folder, n).relative_to(self.path).as_posix()
-                        self._refuse(rel, "symbolic link; replace it with the file or folder it points to")
+                        if stat.S_ISLNK(mode):
+                            self._refuse(rel, "symbolic link; replace it with the file or folder it points to")
+                        self._refuse(rel, "device, FIFO or socket, not a regular file")
                 rel_dir = Path(folder).relative_to(self.path)
                 out += [name for n in names if not _hidden(name := (rel_dir / n).as_posix())]
         return sorted(out)
 
     def read(self, name: str) -> bytes:
+        """The bytes of file ``name``.
+
+        Raises:
+            ValueError: the zip member is damaged (bad CRC-32, truncated or undecompressable data).
+        """
         if self._zip is not None:
-            return self._zip.read(name)
+            try:
+                return self._zip.read(name)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise ValueError(f"corrupt archive member {self.where(name)} ({e}); the archive is damaged or a "
+                                 f"partial download: replace it.") from e
         return (self.path / name).read_bytes()
 
     def where(self, name: str) -> str:
@@ -131,10 +162,20 @@ class FileTree:
 
 
 def save_cache(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically: to a hidden temporary file of a random name, then renamed.
+
+    A killed run never leaves a truncated cache at ``path``, and concurrent builders (DDP ranks, or nodes sharing a
+    file system) each write their own temporary file; the last rename wins with a complete cache of the same
+    sources and settings, and a reader sees either no file or a whole one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a truncated cache behind
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_cache(path: Path, what: str) -> dict | None:

@@ -6,9 +6,15 @@ Layout under the data root::
     omniglot/images_evaluation.zip   (or omniglot/images_evaluation/)
 
 Images are resized (Lanczos) to ``image_size`` and inverted so strokes are 255 on a 0 background, then cached as one
-``(characters, 20, 1, H, W)`` uint8 tensor; the cache file name carries a hash of the source archives and the
-settings, so changed sources or settings produce a new cache, and every datamodule with the same ``image_size``
-reuses the same file.
+``(characters, 20, 1, H, W)`` uint8 tensor; the cache file name carries a hash of the source archives (by content)
+or folders (by path, size and mtime) and the settings, so changed sources or settings produce a new cache, and every
+datamodule with the same ``image_size`` reuses the same file. A cache that is unreadable or inconsistent is rebuilt
+with a warning; caches are written atomically (see :func:`~lightning_mtl.datamodules._images.save_cache`).
+
+Archives are read in place, never extracted, through :class:`~lightning_mtl.datamodules._images.FileTree`, which
+refuses members with ``..`` or absolute paths, links and special files. Files already present are used as they are
+(rebuilt or repacked copies of Omniglot differ byte-wise from the official archives); only downloads are checked
+against the official checksums, and a truncated or damaged archive fails on its zip directory or member CRCs.
 """
 
 from __future__ import annotations
@@ -16,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import warnings
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lightning_mtl.datamodules._download import DownloadError, download_file, file_digest
+from lightning_mtl.datamodules._images import FileTree, save_cache
 
 ARCHIVES = ("images_background", "images_evaluation")
 DRAWINGS_PER_CHARACTER = 20
@@ -132,24 +137,24 @@ class OmniglotArchives:
         return payload
 
     def _iter_drawings(self, name: str) -> Iterator[tuple[str, str, bytes]]:
-        """(``Alphabet/characterNN``, file name, PNG bytes) for every drawing of one archive or folder."""
+        """(``Alphabet/characterNN``, file name, PNG bytes) for every drawing of one archive or folder.
+
+        :class:`FileTree` refuses unsafe members (``..``, absolute paths, links) before any becomes a character name.
+        """
         src = self.source(name)
         assert src is not None
-        if src.is_file():
-            with zipfile.ZipFile(src) as zf:
-                for info in zf.infolist():
-                    parts = info.filename.split("/")
-                    if info.is_dir() or not info.filename.endswith(".png"):
-                        continue
-                    if len(parts) != 4 or parts[0] != name:
-                        raise ValueError(
-                            f"{src}: unexpected member {info.filename!r}; expected "
-                            f"{name}/<Alphabet>/characterNN/<drawing>.png (the official archive layout)."
-                        )
-                    yield f"{parts[1]}/{parts[2]}", f"{src}:{info.filename}", zf.read(info)
-        else:
-            for p in sorted(src.glob("*/*/*.png")):
-                yield f"{p.parent.parent.name}/{p.parent.name}", str(p), p.read_bytes()
+        in_zip = src.is_file()
+        with FileTree(src) as tree:
+            for member in tree.files():
+                parts = member.split("/")
+                if not member.endswith(".png") or (not in_zip and len(parts) != 3):
+                    continue
+                if in_zip and (len(parts) != 4 or parts[0] != name):
+                    raise ValueError(
+                        f"{src}: unexpected member {member!r}; expected "
+                        f"{name}/<Alphabet>/characterNN/<drawing>.png (the official archive layout)."
+                    )
+                yield f"{parts[-3]}/{parts[-2]}", tree.where(member), tree.read(member)
 
     def _decode(self, data: bytes, where: str) -> np.ndarray:
         size = self.image_size
@@ -158,7 +163,10 @@ class OmniglotArchives:
                 img = img.convert("L").resize((size, size), Image.Resampling.LANCZOS)
                 return 255 - np.asarray(img, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"corrupt or unreadable image {where} ({e}); replace it with the original file.") from e
+            # PIL's UnidentifiedImageError message names an in-memory buffer (an address), not the file
+            reason = "not a recognised image format" if isinstance(e, UnidentifiedImageError) else e
+            raise ValueError(f"corrupt or unreadable image {where} ({reason}); replace it with the original "
+                             f"file.") from e
 
     def _build_cache(self, path: Path) -> None:
         characters: dict[str, list[tuple[str, np.ndarray]]] = {}
@@ -182,15 +190,14 @@ class OmniglotArchives:
             "characters": names,
             "background": [archive_of[c] == "images_background" for c in names],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a truncated cache behind
+        save_cache(path, payload)  # atomic: a killed run never leaves a truncated cache behind
 
     def _load_cache(self, path: Path) -> dict | None:
         try:
-            payload = torch.load(path, weights_only=True)
-            if payload["images"].dtype != torch.uint8 or len(payload["characters"]) != payload["images"].shape[0]:
+            payload = torch.load(path, weights_only=True)  # refuses pickled code: a cache is never trusted blindly
+            images, size = payload["images"], self.image_size
+            if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (DRAWINGS_PER_CHARACTER, 1, size, size) \
+                    or not len(payload["characters"]) == len(payload["background"]) == images.shape[0]:
                 raise ValueError("inconsistent cache contents")
             return payload
         except FileNotFoundError:
