@@ -12,8 +12,20 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_warn
 
 
-def _wandb_host() -> str:
-    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+def _wandb_address() -> tuple[str, int]:
+    """Host and port of ``WANDB_BASE_URL``; the port defaults by scheme, so self-hosted ``http://host:8080`` works."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        port = url.port
+    except ValueError:  # a malformed port: let the connection attempt report the host as unreachable
+        port = None
+    return url.hostname or "api.wandb.ai", port or (80 if url.scheme == "http" else 443)
+
+
+def _redact(text: str) -> str:
+    """``text`` without the API key of the environment (error messages may quote requests)."""
+    key = os.environ.get("WANDB_API_KEY")
+    return text.replace(key, "***") if key else text
 
 
 def wandb_offline_reason(timeout: float = 2.0) -> str | None:
@@ -21,7 +33,7 @@ def wandb_offline_reason(timeout: float = 2.0) -> str | None:
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "dryrun", "disabled"):
         return f"WANDB_MODE={mode}"
-    host = _wandb_host()
+    host, port = _wandb_address()
     has_key = bool(os.environ.get("WANDB_API_KEY"))
     if not has_key:
         try:
@@ -31,9 +43,9 @@ def wandb_offline_reason(timeout: float = 2.0) -> str | None:
     if not has_key:
         return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        return f"{host} is unreachable ({e.__class__.__name__})"
+        return f"{host}:{port} is unreachable ({e.__class__.__name__})"
     return None
 
 
@@ -73,6 +85,8 @@ class WandbLogger(_LightningWandbLogger):
             name=name, save_dir=save_dir, offline=go_offline, project=project,
             log_model=log_model and not go_offline, entity=entity, tags=tags,
         )
+        # Lightning passes anonymous=None, which wandb 0.31 answers with a deprecation warning on every run
+        self._wandb_init.pop("anonymous", None)
 
     @property
     @rank_zero_experiment
@@ -82,6 +96,12 @@ class WandbLogger(_LightningWandbLogger):
         except Exception as e:  # W&B refused the run (bad key, outage): keep training, log locally
             if self._offline:
                 raise
-            rank_zero_warn(f"W&B could not start online ({e.__class__.__name__}: {e}); logging offline instead.")
-            self._offline, self._log_model, self._experiment = True, False, None
-            return super().experiment
+            rank_zero_warn(f"W&B could not start online ({e.__class__.__name__}: {_redact(str(e))}); logging offline "
+                           "instead.")
+            # offline by argument: wandb read its environment at the failed start and ignores (with a warning)
+            # the WANDB_MODE=dryrun that Lightning would export now for an offline logger
+            self._log_model, self._experiment = False, None
+            self._wandb_init["mode"] = "offline"
+            experiment = super().experiment
+            self._offline = True
+            return experiment
