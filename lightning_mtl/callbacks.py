@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class EpisodeThroughput(Callback):
@@ -75,3 +77,46 @@ class StepTimer(Callback):
     @property
     def seconds_per_step(self) -> float:
         return (self.end - self.start) / self.steps
+
+
+class NonFiniteGuard(Callback):
+    """Stops a NaN or Inf loss from reaching the weights: the optimizer step is skipped with a warning, or training
+    stops with an error naming the step and the parameters.
+
+    Checked in ``on_before_optimizer_step`` on the gradients the optimizer is about to apply (one reduction and one
+    host synchronisation per step), so it covers automatic and manual optimisation (e.g. Reptile's outer update) and,
+    under DDP, sees the already averaged gradients: every rank makes the same decision. A skip drops the gradients
+    (``grad = None``), which optimizers treat as "no update" for those parameters. With 16-bit mixed precision
+    GradScaler already skips overflowing steps and backs off its scale, so the guard stands aside.
+
+    Args:
+        mode: ``"skip"`` the step with a warning, or ``"raise"`` a ``FloatingPointError``.
+    """
+
+    def __init__(self, mode: Literal["skip", "raise"] = "skip") -> None:
+        if mode not in ("skip", "raise"):
+            raise ValueError(f"NonFiniteGuard mode must be 'skip' or 'raise', got {mode!r}")
+        self.mode = mode
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if bool(torch.isfinite(torch.stack([p.grad.float().sum() for p in params]).sum())):
+            return  # a sum is finite only if every element is (a huge finite sum may overflow: checked below)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        bad = [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p.grad).all())]
+        if not bad:
+            return
+        where = f"{bad[0]}" + (f" and {len(bad) - 1} other parameter(s)" if len(bad) > 1 else "")
+        message = (f"step {trainer.global_step}: non-finite gradient in {where} (a NaN/Inf loss or an overflow)")
+        if self.mode == "raise":
+            raise FloatingPointError(f"{message}; stopping (nonfinite.mode='raise'). Lower the learning rate, check "
+                                     f"the inputs, or use 32-bit precision.")
+        self.skipped += 1
+        rank_zero_warn(f"{message}; optimizer step skipped ({self.skipped} so far, nonfinite.mode='skip').")
+        for p in params:
+            p.grad = None

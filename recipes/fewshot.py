@@ -7,12 +7,13 @@ Model and data are chosen by ``class_path`` in the YAML (any :class:`~lightning_
 LightningDataModule yielding :class:`~lightning_mtl.Episode` batches). ``fit`` keeps the best checkpoint by
 ``val/acc`` and the last one; ``test``/``validate`` accept ``--ckpt_path best|last|PATH``, where ``best`` and
 ``last`` are looked up in the checkpoint directory of the config (``checkpoint.dirpath``), so they also work in a
-fresh process after ``fit``.
+fresh process after ``fit``. A NaN/Inf loss never reaches the weights: the step is skipped with a warning
+(``--nonfinite.mode skip``, the default) or training stops (``raise``).
 """
 
 from __future__ import annotations
 
-from lightning_mtl.callbacks import EpisodeThroughput
+from lightning_mtl.callbacks import EpisodeThroughput, NonFiniteGuard
 from lightning_mtl.cli import RecipeCLI
 from lightning_mtl.meta import EpisodicModule
 
@@ -23,6 +24,7 @@ class FewShotCLI(RecipeCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(EpisodeThroughput, "throughput")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")  # --nonfinite.mode skip|raise
 
 
 def main(args: list[str] | None = None) -> FewShotCLI:
