@@ -1,5 +1,5 @@
 """Episodic meta-learners: gradient-based (MAML / FOMAML, ANIL, Meta-SGD, Reptile), metric-based (ProtoNet, Matching,
-Relation and Siamese networks), closed-form heads (R2D2) and a learned optimizer."""
+Relation and Siamese networks), closed-form heads (R2D2 ridge regression, MetaOptNet SVM) and a learned optimizer."""
 
 from lightning_mtl.meta.anil import ANIL
 from lightning_mtl.meta.base import EpisodicModule
@@ -7,6 +7,7 @@ from lightning_mtl.meta.learned_optimizer import LearnedOptimizer, MetaLearnerLS
 from lightning_mtl.meta.maml import MAML
 from lightning_mtl.meta.matching import FullContextEmbedding, MatchingNetwork, matching_log_probs
 from lightning_mtl.meta.meta_sgd import MetaSGD
+from lightning_mtl.meta.metaoptnet import MetaOptNet
 from lightning_mtl.meta.protonet import ProtoNet, prototypes, squared_euclidean_logits
 from lightning_mtl.meta.r2d2 import R2D2, ridge_logits
 from lightning_mtl.meta.relation import RelationEmbedding, RelationNetwork, class_features
@@ -23,6 +24,7 @@ __all__ = [
     "LearnedOptimizer",
     "MatchingNetwork",
     "MetaLearnerLSTM",
+    "MetaOptNet",
     "MetaSGD",
     "ProtoNet",
     "RelationEmbedding",
