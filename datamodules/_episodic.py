@@ -4,26 +4,41 @@
 :class:`~lightning_mtl.datamodules.image_folder.ImageFolderEpisodes` and
 :class:`~lightning_mtl.datamodules.mini_imagenet.MiniImageNetEpisodes`: they serve the same
 :class:`~lightning_mtl.Episode` batches, streams and fixed evaluation sets (see
-:mod:`lightning_mtl.datamodules.episodes`).
+:mod:`lightning_mtl.datamodules.episodes`). With ``train_mode="classes"`` they train on ordinary
+:class:`~lightning_mtl.batches.LabelledBatch` batches of all the training images labelled by training class
+(:class:`ClassBatches`; pre-training as in Tian et al., ECCV 2020, arXiv:2003.11539) while validation and test stay
+the same fixed episodes.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lightning_mtl.batches import LabelledBatch
+from lightning_mtl.datamodules._resume import train_position
 from lightning_mtl.datamodules.episodes import EpisodeSampler, EpisodeStream, FixedEpisodes
 
 STAGES = ("train", "val", "test")
+#: stream id of the shuffles of :class:`ClassBatches`, distinct from the episode streams (0, 1, 2 in episodes.STREAMS)
+CLASS_STREAM = 3
 
 
 @dataclass(frozen=True)
 class EpisodeSettings:
-    """Episode shapes, counts and seeds; the arguments are those of the datamodule constructors."""
+    """Episode shapes, counts and seeds; the arguments are those of the datamodule constructors.
+
+    ``train_mode="classes"`` replaces the training episodes by :class:`ClassBatches` of ``train_batch_size`` images
+    (``train_ways``, ``train_shots``, ``train_queries`` and ``meta_batch_size`` are then unused, and training classes
+    need only 2 images); ``seed`` seeds either training stream.
+    """
 
     train_ways: int = 5
     train_shots: int = 1
@@ -38,10 +53,21 @@ class EpisodeSettings:
     seed: int = 0
     eval_seed: int = 0
     num_workers: int = 0
+    train_mode: Literal["episodes", "classes"] = "episodes"
+    train_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.train_mode not in ("episodes", "classes"):
+            raise ValueError(f"train_mode must be 'episodes' or 'classes', got {self.train_mode!r}")
+        if self.train_batch_size < 1:
+            raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}")
 
     def shape(self, stage: str) -> tuple[int, int, int, int]:
         """``(ways, shots, queries, meta_batch_size)`` of ``stage``."""
         if stage == "train":
+            if self.train_mode == "classes":
+                # only the class array of the train sampler is used: require no more than 2 images per class
+                return 1, 1, 1, 1
             return self.train_ways, self.train_shots, self.train_queries, self.meta_batch_size
         return self.eval_ways, self.eval_shots, self.eval_queries, self.eval_meta_batch_size
 
@@ -78,6 +104,64 @@ def class_major(payload: dict, classes: list[str], shots: int, queries: int, nam
     return out  # (classes, per_class, C, H, W)
 
 
+class ClassBatches(IterableDataset):
+    """Infinite, seeded batches of all the images of a class-major array, labelled by class.
+
+    Epoch ``e`` is a permutation of all ``classes * samples`` images drawn from ``(seed, e)`` alone, and the epochs
+    are concatenated into one stream; global batch ``g`` holds stream positions ``g * B .. g * B + B - 1`` (a batch may
+    straddle two epochs, so none is short). Rank ``r`` of ``R`` takes global batches ``r, r + R, ...``, the split of a
+    ``DistributedSampler`` made per batch: each image is seen once per epoch across all ranks. Worker ``w`` of ``W``
+    takes every ``W``-th batch of its rank, in the round-robin order in which the DataLoader interleaves workers, so
+    the batches depend on the seed and the world size only, never on the number of workers.
+
+    Args:
+        images: uint8 array ``(classes, samples, C, H, W)``; ``images[c, i]`` has label ``c``.
+        batch_size: images per batch of this process.
+        seed: seed of the shuffles.
+        rank: global rank of this process.
+        world_size: number of processes.
+        start: index of the first batch of this rank (to continue a stream, e.g. on resume).
+    """
+
+    def __init__(
+        self, images: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
+        if images.ndim != 5 or images.shape[0] * images.shape[1] == 0:
+            raise ValueError(f"images must be a non-empty (classes, samples, C, H, W) array, got {images.shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0 .. world_size - 1 = {world_size - 1}, got {rank}")
+        self.flat = images.reshape(-1, *images.shape[2:])  # (classes * samples, C, H, W), a view
+        self.samples = images.shape[1]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.start = start
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            # batches straddle at most a few epochs: keep only the newest permutations
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            rng = np.random.default_rng([self.seed, CLASS_STREAM, epoch])
+            self._orders[epoch] = rng.permutation(len(self.flat))
+        return self._orders[epoch]
+
+    def batch(self, index: int) -> LabelledBatch:
+        """Global batch ``index`` (of all ranks together)."""
+        positions = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+        epochs, within = np.divmod(positions, len(self.flat))
+        idx = np.concatenate([self._order(e)[within[epochs == e]] for e in np.unique(epochs)])  # (B,) image indices
+        return LabelledBatch(torch.from_numpy(self.flat[idx]), torch.from_numpy(idx // self.samples))
+
+    def __iter__(self) -> Iterator[LabelledBatch]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        j = self.start + worker
+        while True:
+            yield self.batch(j * self.world_size + self.rank)
+            j += workers
+
+
 class EpisodicImages(L.LightningDataModule):
     """Base of datamodules serving N-way K-shot Q-query episodes from in-memory class-major uint8 arrays.
 
@@ -91,6 +175,7 @@ class EpisodicImages(L.LightningDataModule):
         super().__init__()
         self.episodes = episodes
         self.samplers: dict[str, EpisodeSampler] = {}
+        self._resume_at: dict[str, int] = {}
 
     def split_array(self, payload: dict, classes: list[str], stage: str, name: str) -> np.ndarray:
         """The class-major array of ``classes`` checked against the episode shape of ``stage``."""
@@ -107,18 +192,48 @@ class EpisodicImages(L.LightningDataModule):
         """Number of classes of ``stage`` (``"train"``, ``"val"`` or ``"test"``) after :meth:`setup`."""
         return self.samplers[stage].num_classes
 
+    @property
+    def num_train_classes(self) -> int:
+        """Number of training classes (the labels of ``train_mode="classes"`` batches are ``0 .. n - 1``).
+
+        Raises:
+            RuntimeError: called before :meth:`setup`.
+        """
+        if "train" not in self.samplers:
+            raise RuntimeError(f"{type(self).__name__}.num_train_classes is known after setup(); call setup() first.")
+        return self.num_classes("train")
+
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
 
     def _loader(self, dataset) -> DataLoader:
         workers = self.episodes.num_workers
-        # batch_size=None: the datasets yield whole meta-batches, so no collation happens.
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        # batch_size=None: the datasets yield whole meta-batches, so no collation happens. The generator seeds the
+        # workers, so that starting an iterator never draws from torch's global generator (a resumed run starts its
+        # iterators at other times than an uninterrupted one).
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          generator=torch.Generator().manual_seed(self.episodes.seed))
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the training stream (see :func:`~lightning_mtl.datamodules._resume.train_position`)."""
+        return train_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next :meth:`train_dataloader` continue the stream where the checkpoint left it."""
+        self._resume_at = dict(state_dict)
 
     def train_dataloader(self) -> DataLoader:
-        rank, _ = self._rank()
-        return self._loader(EpisodeStream(self.samplers["train"], self.episodes.seed, rank=rank))
+        rank, world = self._rank()
+        e = self.episodes
+        # every meta-batch is a pure function of its index: a resumed stream just starts at the next one. (A stream
+        # restarts at `start` whenever the loader is iterated again, i.e. at each epoch of `limit_train_batches` runs.)
+        start, self._resume_at = self._resume_at.get("batches", 0), {}
+        if e.train_mode == "classes":
+            # an IterableDataset: Lightning injects no DistributedSampler, ClassBatches splits by rank itself
+            images = self.samplers["train"].images
+            return self._loader(ClassBatches(images, e.train_batch_size, e.seed, rank, world, start=start))
+        return self._loader(EpisodeStream(self.samplers["train"], e.seed, rank=rank, start=start))
 
     def _eval_dataloader(self, stage: str) -> DataLoader:
         rank, world = self._rank()

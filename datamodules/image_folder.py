@@ -75,6 +75,23 @@ def find_classes(files: list[str], layout: str, where: Path) -> dict[str, list[s
     return {c: sorted(groups[c]) for c in sorted(groups)}
 
 
+def empty_class_folders(source: Path, classes: dict[str, list[str]]) -> list[str]:
+    """Folders beside the class folders of a folder ``source`` that hold no image, so are missing from ``classes``.
+
+    The class folders sit at the top of ``source``, under one top folder, or under ``[top/]train/`` (Tiny-ImageNet);
+    their parent is found from the paths of ``classes``. Zip archives are not checked.
+    """
+    if not source.is_dir() or not classes:
+        return []
+    paths = {c: files[0].split("/") for c, files in classes.items()}
+    for depth in (0, 1, 2):
+        if all(len(p) > depth + 1 and p[depth] == c for c, p in paths.items()):
+            parent = source.joinpath(*next(iter(paths.values()))[:depth])
+            return sorted(d.name for d in parent.iterdir() if d.is_dir() and d.name not in classes
+                          and not d.name.startswith(".") and d.name != "__MACOSX")  # hidden, as FileTree skips them
+    return []
+
+
 class ImageFolderEpisodes(EpisodicImages):
     """N-way K-shot Q-query episodes from a class-per-folder dataset or Tiny-ImageNet.
 
@@ -105,6 +122,10 @@ class ImageFolderEpisodes(EpisodicImages):
         seed: seed of the training episode streams.
         eval_seed: seed of the fixed validation and test sets; keep it fixed to compare models.
         num_workers: dataloader worker processes.
+        train_mode: ``"episodes"`` (meta-training) or ``"classes"``: batches of ``train_batch_size`` training
+            images labelled by class among all training classes (pre-training; validation and test stay
+            episodes).
+        train_batch_size: images per training batch and process under ``train_mode="classes"``.
     """
 
     def __init__(
@@ -133,10 +154,13 @@ class ImageFolderEpisodes(EpisodicImages):
         seed: int = 0,
         eval_seed: int = 0,
         num_workers: int = 0,
+        train_mode: Literal["episodes", "classes"] = "episodes",
+        train_batch_size: int = 64,
     ) -> None:
         super().__init__(EpisodeSettings(
             train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers,
+            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, train_mode,
+            train_batch_size,
         ))
         if layout not in ("auto", "class_folders", "tiny_imagenet"):
             raise ValueError(f"layout must be 'auto', 'class_folders' or 'tiny_imagenet', got {layout!r}")
@@ -168,6 +192,9 @@ class ImageFolderEpisodes(EpisodicImages):
                 f"no images found in {self.source}: expected <class>/<image>.png|.jpg|... folders or Tiny-ImageNet's "
                 f"train/<wnid>/images/*.JPEG (layout={self.hparams.layout!r})."
             )
+        if empty := empty_class_folders(self.source, classes):
+            raise ValueError(f"{self.source}: class folder(s) {', '.join(empty)} hold no images; add images to them or "
+                             f"remove them (an empty folder would silently not be a class).")
         return classes
 
     def _cache_path(self, tree: FileTree, classes: dict[str, list[str]]) -> Path:

@@ -87,7 +87,8 @@ def _from_pickle(path: Path, size: int) -> dict[str, list[np.ndarray]]:
     for wnid in sorted(class_dict):
         idx = np.asarray(class_dict[wnid], dtype=np.int64)
         if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= len(images):
-            raise ValueError(f"{path}: class_dict[{wnid!r}] holds indices outside 0..{len(images) - 1}.")
+            raise ValueError(f"{path}: class_dict[{wnid!r}] holds indices outside 0..{len(images) - 1}; the file is "
+                             f"damaged: re-download it.")
         out[wnid] = [_resized(img, size) for img in images[idx]]
     return out
 
@@ -124,6 +125,10 @@ class MiniImageNetEpisodes(EpisodicImages):
         seed: seed of the training episode streams.
         eval_seed: seed of the fixed validation and test sets; keep it fixed to compare models.
         num_workers: dataloader worker processes.
+        train_mode: ``"episodes"`` (meta-training) or ``"classes"``: batches of ``train_batch_size`` training
+            images labelled by class among all training classes (pre-training; validation and test stay
+            episodes).
+        train_batch_size: images per training batch and process under ``train_mode="classes"``.
     """
 
     def __init__(
@@ -148,10 +153,13 @@ class MiniImageNetEpisodes(EpisodicImages):
         seed: int = 0,
         eval_seed: int = 0,
         num_workers: int = 0,
+        train_mode: Literal["episodes", "classes"] = "episodes",
+        train_batch_size: int = 64,
     ) -> None:
         super().__init__(EpisodeSettings(
             train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers,
+            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, train_mode,
+            train_batch_size,
         ))
         if source not in ("auto", "images", "pickle"):
             raise ValueError(f"source must be 'auto', 'images' or 'pickle', got {source!r}")

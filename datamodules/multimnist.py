@@ -61,10 +61,11 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
             f"(00000803 for MNIST images, 00000801 for labels). Is this an IDX file?"
         )
     if ndim is not None and raw[3] != ndim:
-        raise IDXError(f"{path}: IDX file of {raw[3]} dimensions, expected {ndim}.")
+        raise IDXError(f"{path}: IDX file of {raw[3]} dimensions, expected {ndim}; check the path (MNIST images have 3 "
+                       f"dimensions, labels 1: are images and labels swapped?).")
     header = 4 + 4 * raw[3]
     if len(raw) < header:
-        raise IDXError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header}).")
+        raise IDXError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header}); replace the file.")
     shape = struct.unpack(f">{raw[3]}I", raw[4:header])
     dtype = np.dtype(_IDX_TYPES[raw[2]])
     if len(raw) - header != math.prod(shape) * dtype.itemsize:
@@ -81,7 +82,8 @@ def read_mnist(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     if x.dtype != np.uint8 or y.dtype != np.uint8:
         raise IDXError(f"{images} / {labels}: expected unsigned-byte IDX data, got {x.dtype} / {y.dtype}.")
     if len(x) != len(y):
-        raise IDXError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; they are not a pair.")
+        raise IDXError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; they are not a pair: pass "
+                       f"the label file of these images.")
     if y.max(initial=0) > 9:
         raise IDXError(f"{labels}: label {y.max()} outside 0..9; is this an MNIST label file?")
     return x, y.astype(np.int64)
@@ -151,7 +153,9 @@ class MultiMNIST(MultiTaskDataModule):
         pair = self._pair(self.hparams.test_images, self.hparams.test_labels)
         missing = [str(p) for p in pair if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"MultiMNIST needs the test IDX pair; missing: {', '.join(missing)}.")
+            raise FileNotFoundError(f"MultiMNIST needs the test IDX pair; missing: {', '.join(missing)}. Place the "
+                                    f"MNIST t10k files there, or pass --data.root / --data.test_images / "
+                                    f"--data.test_labels.")
         return pair
 
     def prepare_data(self) -> None:

@@ -16,11 +16,16 @@ A subclass of :class:`MultiTaskDataModule` implements :meth:`~MultiTaskDataModul
   MultiMNIST), batched into ``MultiTaskBatch(x=inputs, targets={task: targets})``; the modes do not apply.
 
 Training order is reproducible: each task's sampler draws a fresh permutation per pass from a ``torch.Generator``
-seeded with ``(seed, task index, epoch, pass)``; Lightning sets the epoch through ``set_epoch``.
+seeded with ``(seed, task index, epoch, pass)``; Lightning sets the epoch through ``set_epoch``. It is also resumable:
+the datamodule's ``state_dict`` (in every checkpoint) holds the epoch and the number of its batches the fit loop took
+(:func:`~lightning_mtl.datamodules._resume.train_position`), from which each task's loader restarts at its pass and
+batch.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from lightning_mtl.batches import MultiTaskBatch
+from lightning_mtl.datamodules._resume import train_position
 
 Mode = Literal["max_size_cycle", "min_size", "sequential"]
 MODES = ("max_size_cycle", "min_size", "sequential")
@@ -79,16 +85,20 @@ class MultiTargetDataset(Dataset):
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` per pass, seeded with ``(seed, stream, epoch, pass)``.
 
-    ``set_epoch`` (called by Lightning) starts a new epoch; every ``iter()`` within an epoch is a new pass, so a task
-    that ``max_size_cycle`` restarts is reshuffled rather than replayed.
+    ``set_epoch`` (called by Lightning) with a new epoch starts its pass 0; every ``iter()`` within an epoch is a new
+    pass, so a task that ``max_size_cycle`` restarts is reshuffled rather than replayed. ``epoch`` and ``passes`` set
+    where the first ``iter()`` starts (to resume).
     """
 
-    def __init__(self, n: int, seed: int, stream: int = 0) -> None:
+    def __init__(self, n: int, seed: int, stream: int = 0, epoch: int = 0, passes: int = 0) -> None:
         self.n, self.seed, self.stream = n, seed, stream
-        self.epoch, self._passes = 0, 0
+        self.epoch, self._passes = epoch, passes
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._passes = epoch, 0
+        # Lightning calls it after the first iter() of a fit (workers start prefetching at iter()): the same epoch
+        # must not rewind the passes
+        if epoch != self.epoch:
+            self.epoch, self._passes = epoch, 0
 
     def __len__(self) -> int:
         return self.n
@@ -103,6 +113,25 @@ def collate_shared(samples: list) -> MultiTaskBatch:
     """Collate ``(x, {task: y})`` samples into ``MultiTaskBatch(x, {task: y})``."""
     x, targets = default_collate(samples)
     return MultiTaskBatch(x, targets)
+
+
+class ResumedLoader(DataLoader):
+    """A DataLoader whose first iteration skips its first ``skip`` batches (those taken before a checkpoint).
+
+    The skipped batches are loaded and dropped, after any sharding of the indices (Lightning's distributed sampler),
+    so the skip is right on every rank; the datasets here are in memory, which makes it cheap.
+    """
+
+    def __init__(self, *args, skip: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = skip
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self.skip = self.skip, 0
+        for _ in range(skip):
+            next(iterator)
+        return iterator
 
 
 class MultiTaskLoader(CombinedLoader):
@@ -158,6 +187,7 @@ class MultiTaskDataModule(L.LightningDataModule, ABC):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.mode, self.eval_mode, self.num_workers, self.seed = mode, eval_mode, num_workers, seed
         self.splits: TaskSplits | None = None
+        self._resume_at: dict[str, int] = {}
 
     @abstractmethod
     def build_splits(self) -> TaskSplits:
@@ -199,21 +229,53 @@ class MultiTaskDataModule(L.LightningDataModule, ABC):
         """Class count of each task (after :meth:`setup`)."""
         return dict(self._require_setup().num_classes)
 
-    def _loader(self, ds: Dataset, train: bool, stream: int, shared: bool) -> DataLoader:
-        return DataLoader(
+    def state_dict(self) -> dict[str, int]:
+        """The position of the training data (see :func:`~lightning_mtl.datamodules._resume.train_position`)."""
+        return train_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next :meth:`train_dataloader` continue where the checkpoint left the training data."""
+        self._resume_at = dict(state_dict)
+        # Lightning warns that a mid-epoch resume is unreliable unless every loader has its own state_dict; here the
+        # datamodule holds the position
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+    def _loader(
+        self, ds: Dataset, train: bool, stream: int, shared: bool, position: tuple[int, int, int] = (0, 0, 0)
+    ) -> ResumedLoader:
+        epoch, passes, batches = position  # where the sampler starts, and the batches of that pass already taken
+        return ResumedLoader(
             ds,
+            skip=batches,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffle(len(ds), self.seed, stream) if train else None,
+            sampler=EpochShuffle(len(ds), self.seed, stream, epoch, passes) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_shared if shared else None,
+            # seeds the workers: starting an iterator never draws from torch's global generator
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _positions(self, datasets: list[Dataset], train: bool) -> list[tuple[int, int, int]]:
+        """``(epoch, pass, batches into the pass)`` of each loader: where the training data of a restored checkpoint
+        stands (``max_size_cycle`` restarts a task each time it runs out), else the start."""
+        at: dict[str, int] = {}
+        if train:
+            at, self._resume_at = self._resume_at, {}
+        epoch, taken = at.get("epoch", 0), at.get("batches", 0)
+        if self.mode == "max_size_cycle":
+            world = 1 if self.trainer is None else self.trainer.world_size  # Lightning shards each pass over ranks
+            per_pass = [math.ceil(math.ceil(len(ds) / world) / self.batch_size) for ds in datasets]  # batches
+            return [(epoch, *divmod(taken, n)) for n in per_pass]
+        return [(epoch, 0, taken)] * len(datasets)
 
     def _dataloader(self, split: str) -> DataLoader | MultiTaskLoader:
         data, train = getattr(self._require_setup(), split), split == "train"
         if not isinstance(data, dict):
-            return self._loader(data, train, 0, shared=True)
-        loaders = {task: self._loader(ds, train, i, shared=False) for i, (task, ds) in enumerate(data.items())}
+            return self._loader(data, train, 0, shared=True, position=self._positions([data], train)[0])
+        positions = self._positions(list(data.values()), train)
+        loaders = {task: self._loader(ds, train, i, shared=False, position=positions[i])
+                   for i, (task, ds) in enumerate(data.items())}
         return MultiTaskLoader(loaders, self.mode if train else self.eval_mode)
 
     def train_dataloader(self) -> DataLoader | MultiTaskLoader:

@@ -69,6 +69,10 @@ class OmniglotEpisodes(EpisodicImages):
         seed: seed of the training episode streams.
         eval_seed: seed of the fixed validation and test sets; keep it fixed to compare models.
         num_workers: dataloader worker processes.
+        train_mode: ``"episodes"`` (meta-training) or ``"classes"``: batches of ``train_batch_size`` training
+            images labelled by class among all training classes (pre-training; validation and test stay
+            episodes).
+        train_batch_size: images per training batch and process under ``train_mode="classes"``.
     """
 
     def __init__(
@@ -92,10 +96,13 @@ class OmniglotEpisodes(EpisodicImages):
         seed: int = 0,
         eval_seed: int = 0,
         num_workers: int = 0,
+        train_mode: Literal["episodes", "classes"] = "episodes",
+        train_batch_size: int = 64,
     ) -> None:
         super().__init__(EpisodeSettings(
             train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers,
+            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, train_mode,
+            train_batch_size,
         ))
         if protocol not in ("vinyals", "lake"):
             raise ValueError(f"protocol must be 'vinyals' or 'lake', got {protocol!r}")

@@ -51,3 +51,15 @@ class Episode(NamedTuple):
     @property
     def queries(self) -> int:
         return self.query_x.shape[1] // self.ways
+
+
+class LabelledBatch(NamedTuple):
+    """A batch of single-label examples, e.g. images labelled with their class among all the training classes.
+
+    Attributes:
+        x: ``(N, ...)`` inputs; images are ``uint8`` ``(N, C, H, W)`` from the episodic datamodules.
+        y: ``(N,)`` int64 class indices.
+    """
+
+    x: Tensor
+    y: Tensor

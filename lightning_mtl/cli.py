@@ -1,4 +1,5 @@
-"""The LightningCLI base shared by the recipes: checkpointing, W&B by default, ``--ckpt_path best|last``."""
+"""The LightningCLI base shared by the recipes: checkpointing, W&B by default, ``--ckpt_path best|last``, exact
+resumption (``fit --ckpt_path last``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
 
 
 def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str | None:
@@ -16,13 +20,19 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
 
     Lightning resolves ``best``/``last`` only inside the process that ran ``fit``; this makes them work in a fresh
     ``test``/``validate`` process too. ``best`` is read from the ModelCheckpoint state stored in ``last.ckpt``.
-    Any other value is returned unchanged.
+    Any other value is returned unchanged, after checking that a local path exists (Lightning would find out only
+    after preparing the data).
 
     Raises:
         ValueError: ``dirpath`` is not set.
-        FileNotFoundError: ``last.ckpt`` or the best checkpoint it names does not exist.
+        FileNotFoundError: ``last.ckpt``, the best checkpoint it names, or the local file ``ckpt_path`` does not exist.
     """
     if ckpt_path not in ("best", "last"):
+        text = str(ckpt_path or "")  # "hpc", "registry[:...]" and URLs are Lightning's to resolve
+        local = text not in ("", "hpc") and not text.lower().startswith("registry") and "://" not in text
+        if local and not Path(text).exists():  # a folder is a sharded (FSDP, DeepSpeed) checkpoint
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint; pass an existing .ckpt file, "
+                                    f"or best / last to take them from checkpoint.dirpath after `fit`.")
         return ckpt_path
     if dirpath is None:
         raise ValueError(f"--ckpt_path {ckpt_path} needs checkpoint.dirpath in the config to find the checkpoints.")
@@ -32,9 +42,11 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
     if ckpt_path == "last":
         return str(last)
     state = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]
-    best = next((s["best_model_path"] for k, s in state.items() if k.startswith("ModelCheckpoint")), "")
+    best = next((s["best_model_path"] for k, s in state.items() if k.startswith(("RecipeCheckpoint",
+                                                                                   "ModelCheckpoint"))), "")
     if not best or not Path(best).exists():
-        raise FileNotFoundError(f"--ckpt_path best: {last} names no existing best checkpoint ({best!r}).")
+        raise FileNotFoundError(f"--ckpt_path best: {last} names no existing best checkpoint ({best!r}); pass "
+                                f"--ckpt_path last or a checkpoint file, or run `fit` again.")
     rank_zero_info(f"best checkpoint: {best}")
     return best
 
@@ -42,13 +54,20 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
 class RecipeCLI(LightningCLI):
     """LightningCLI with a ``checkpoint`` group (best by :attr:`monitor` and last), the W&B logger of
     :mod:`lightning_mtl.loggers` by default, and ``--ckpt_path best|last`` for ``test``/``validate`` in a fresh
-    process. Recipes subclass it and set :attr:`monitor`."""
+    process. Recipes subclass it and set :attr:`monitor`.
+
+    Resumption is exact: ``fit --ckpt_path last`` continues a killed run from its ``last.ckpt`` (refreshed every
+    ``--checkpoint.every_n_train_steps``) to the weights and logged metrics of an uninterrupted run; the trainer saves
+    the random states of every rank (:class:`~lightning_mtl.checkpointing.RNGStates`), writes checkpoints atomically
+    and loads them with ``weights_only=True`` (:class:`~lightning_mtl.checkpointing.AtomicCheckpointIO`; pass
+    ``--weights_only false`` only for a trusted checkpoint that pickles other objects).
+    """
 
     #: metric that selects the best checkpoint (maximised).
     monitor: str = "val/acc"
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RecipeCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": self.monitor,
             "checkpoint.mode": "max",
@@ -60,6 +79,13 @@ class RecipeCLI(LightningCLI):
                 "init_args": {"project": "lightning-mtl"},
             },
         })
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the config wins
+            plugins.append(AtomicCheckpointIO())
+        return super()._instantiate_trainer({**config, "plugins": plugins}, [*callbacks, RNGStates()])
 
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]

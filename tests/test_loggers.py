@@ -275,7 +275,7 @@ def test_recipe_fit_never_writes_the_api_key(omniglot_root, cache_dir, rejecting
     leaks = [str(f.relative_to(tmp_path)) for f in files if any(s in f.read_bytes() for s in forms)]
     assert leaks == []
     for ckpt in run.glob("checkpoints/*.ckpt"):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert "hyper_parameters" in state and "datamodule_hyper_parameters" in state
         assert not [s for s in _strings_in(state) if key in s], ckpt
     for stream in (proc.stdout, proc.stderr):

@@ -1,5 +1,6 @@
 """Episodic meta-learners: gradient-based (MAML / FOMAML, ANIL, Meta-SGD, Reptile), metric-based (ProtoNet, Matching,
-Relation and Siamese networks), closed-form heads (R2D2 ridge regression, MetaOptNet SVM) and a learned optimizer."""
+Relation and Siamese networks), closed-form heads (R2D2 ridge regression, MetaOptNet SVM), a learned optimizer, and
+the pretrained-embedding baseline of Tian et al. (EmbeddingBaseline)."""
 
 from lightning_mtl.meta.anil import ANIL
 from lightning_mtl.meta.base import EpisodicModule
@@ -8,6 +9,7 @@ from lightning_mtl.meta.maml import MAML
 from lightning_mtl.meta.matching import FullContextEmbedding, MatchingNetwork, matching_log_probs
 from lightning_mtl.meta.meta_sgd import MetaSGD
 from lightning_mtl.meta.metaoptnet import MetaOptNet
+from lightning_mtl.meta.pretrained_embedding import EmbeddingBaseline, logistic_regression_logits
 from lightning_mtl.meta.protonet import ProtoNet, prototypes, squared_euclidean_logits
 from lightning_mtl.meta.r2d2 import R2D2, ridge_logits
 from lightning_mtl.meta.relation import RelationEmbedding, RelationNetwork, class_features
@@ -18,6 +20,7 @@ __all__ = [
     "ANIL",
     "MAML",
     "R2D2",
+    "EmbeddingBaseline",
     "EpisodicModule",
     "FullContextEmbedding",
     "KochEmbedding",
@@ -32,6 +35,7 @@ __all__ = [
     "Reptile",
     "SiameseNetwork",
     "class_features",
+    "logistic_regression_logits",
     "matching_log_probs",
     "nearest_support_logits",
     "prototypes",

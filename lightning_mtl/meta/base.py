@@ -52,9 +52,14 @@ class EpisodicModule(L.LightningModule):
     @staticmethod
     def images(x: Tensor) -> Tensor:
         """uint8 images in [0, 255] → float in [0, 1]; floating inputs pass through."""
-        return x.float().div_(255) if x.dtype == torch.uint8 else x
+        # the default dtype is the model's under Lightning's "*-true" precisions (float32 otherwise)
+        return x.to(torch.get_default_dtype()).div_(255) if x.dtype == torch.uint8 else x
 
     def _step(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
+        if not isinstance(episode, Episode):  # else an AttributeError deep inside episode_logits
+            raise TypeError(f"{type(self).__name__} expected an Episode, got {type(episode).__name__}; yield "
+                            f"lightning_mtl.Episode batches from the datamodule (an episodic one, e.g. "
+                            f"OmniglotEpisodes).")
         logits = self.episode_logits(episode, stage)  # (B, ways * queries, ways)
         loss = self.episode_loss(logits, episode.query_y)
         accs = (logits.argmax(-1) == episode.query_y).float().mean(1)  # (B,) one accuracy per episode

@@ -125,7 +125,8 @@ class SiameseNetwork(EpisodicModule):
         b, n_support = episode.support_y.shape
         z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
         support, query = z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(0, (b, -1))
-        return self.similarity(query.unsqueeze(2).float(), support.unsqueeze(1).float())
+        dtype = self.head.weight.dtype  # float32, but the model's dtype under Lightning's "*-true" precisions
+        return self.similarity(query.unsqueeze(2).to(dtype), support.unsqueeze(1).to(dtype))
 
     def pair_weights(self, same: Tensor, shots: int) -> Tensor:
         """Float weights ``(B, Q, S)``: 1 on the training pairs, 0 elsewhere; ``same`` marks the matching pairs."""

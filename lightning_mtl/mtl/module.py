@@ -116,8 +116,14 @@ class MultiTaskModule(L.LightningModule):
         with torch.no_grad():
             was_training = backbone.training
             probe = torch.zeros(1, *hp.input_shape, device=device)
-            feature_dim = backbone.eval()(probe).flatten(1).shape[1]
-            backbone.train(was_training)
+            try:
+                feature_dim = backbone.eval()(probe).flatten(1).shape[1]
+            except RuntimeError as e:  # a shape error, named here rather than as a bare one in training
+                raise ValueError(f"the backbone cannot take an input of input_shape={tuple(hp.input_shape)} ({e}); set "
+                                 f"model input_shape to the shape of one input, e.g. (C, H, W) for images.") from e
+            finally:
+                backbone.train(was_training)
+        self.feature_dim = feature_dim
         self.specs: dict[str, TaskSpec] = {t: self.build_task(t, c, feature_dim) for t, c in num_classes.items()}
         heads = {t: s.head for t, s in self.specs.items()}
         self.model = (HardSharing(backbone, heads) if hp.architecture == "hard"
@@ -136,30 +142,43 @@ class MultiTaskModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         num_classes = getattr(datamodule, "num_classes", None)
         if not num_classes:
+            source = "no datamodule was given" if datamodule is None else f"{type(datamodule).__name__} has none"
             raise ValueError("MultiTaskModule(num_classes=None) takes its tasks from the datamodule's `num_classes`, "
-                             f"but {type(datamodule).__name__} has none; pass model num_classes explicitly.")
+                             f"but {source}; pass model num_classes explicitly.")
         self._build(dict(num_classes))
 
     def build_task(self, name: str, num_classes: int, feature_dim: int) -> TaskSpec:
         """The head, loss and metrics of task ``name``; override for non-classification tasks."""
+        if num_classes < 2:
+            raise ValueError(f"task {name!r} has num_classes={num_classes}; a classification task needs at least 2 "
+                             f"classes: fix num_classes[{name!r}] (or override build_task for other kinds of task).")
         return classification_task(feature_dim, num_classes)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, task: str) -> Tensor:
         """Output of ``task`` for inputs ``x``."""
-        return self.model.head(task, self.model.representation(self._images(x), task))
+        return self.model.head(task, self._representation(x, task))
 
     @staticmethod
     def _images(x: Tensor) -> Tensor:
-        return x.float().div(255) if x.dtype == torch.uint8 else x
+        # the default dtype is the model's under Lightning's "*-true" precisions (float32 otherwise)
+        return x.to(torch.get_default_dtype()).div(255) if x.dtype == torch.uint8 else x
+
+    def _representation(self, x: Tensor, task: str | None = None) -> Tensor:
+        z = self.model.representation(self._images(x), task)  # (B, D)
+        if z.shape[1] != self.feature_dim:  # else the heads fail with a bare matrix-shape error
+            raise ValueError(f"the backbone gives {z.shape[1]} features for inputs of shape {tuple(x.shape[1:])} but "
+                             f"the heads were sized for {self.feature_dim} from input_shape="
+                             f"{tuple(self.hparams.input_shape)}; set model input_shape to the shape of one input.")
+        return z
 
     def representations(self, batch: MultiTaskBatch) -> dict[str, Tensor]:
         """The representation each task's head reads: one shared ``(B, D)`` tensor (computed once) when the tasks
         share an input and a backbone, else one per task."""
         if isinstance(batch.x, dict) or isinstance(self.model, SoftSharing):
             inputs = batch.x if isinstance(batch.x, dict) else dict.fromkeys(self.task_names, batch.x)
-            return {t: self.model.representation(self._images(inputs[t]), t) for t in self.task_names}
-        z = self.model.representation(self._images(batch.x))
+            return {t: self._representation(inputs[t], t) for t in self.task_names}
+        z = self._representation(batch.x)
         return dict.fromkeys(self.task_names, z)
 
     def task_outputs(self, batch: MultiTaskBatch) -> dict[str, Tensor]:

@@ -111,10 +111,11 @@ def _kib(path: str, field: str) -> int:
     return 0
 
 
-def memory_sample(pid: int | None = None) -> dict:
-    """RSS and PSS in MiB of the main process and of its descendants (the dataloader workers)."""
+def memory_sample(pid: int | None = None, exclude: frozenset[int] = frozenset()) -> dict:
+    """RSS and PSS in MiB of the main process and of its descendants (the dataloader workers), leaving out the
+    processes in ``exclude`` (those that existed before the soak, e.g. a logger's service under pytest)."""
     pid = os.getpid() if pid is None else pid
-    kids = _descendants(pid)
+    kids = [k for k in _descendants(pid) if k not in exclude]
 
     def mib(field: str, name: str, pids: list[int]) -> float:
         return sum(_kib(f"/proc/{p}/{name}", field) for p in pids) / 1024
@@ -130,6 +131,7 @@ class Soak:
     def __init__(self, episodes: int, sample_every: int) -> None:
         self.keys = np.zeros(episodes, dtype=np.uint64)  # preallocated: the bookkeeping itself does not grow
         self.seen, self.sample_every, self.samples, self.start = 0, sample_every, [], time.perf_counter()
+        self.exclude = frozenset(_descendants(os.getpid()))  # not ours: only workers started from here are counted
 
     def take(self, batch: Episode) -> None:
         keys = episode_keys(batch)[: len(self.keys) - self.seen]
@@ -138,7 +140,7 @@ class Soak:
         self.seen += len(keys)
         if self.seen // self.sample_every > before // self.sample_every or self.seen == len(self.keys):
             self.samples.append({"episodes": self.seen, "seconds": time.perf_counter() - self.start,
-                                 **memory_sample()})
+                                 **memory_sample(exclude=self.exclude)})
 
 
 class _SoakCallback(L.Callback):
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_eval = time.perf_counter() - t0
 
     soak = Soak(args.episodes, args.sample_every)
-    soak.samples.append({"episodes": 0, "seconds": 0.0, **memory_sample()})  # before the workers start
+    soak.samples.append({"episodes": 0, "seconds": 0.0, **memory_sample(exclude=soak.exclude)})  # before the workers
     steps = math.ceil(args.episodes / args.meta_batch_size)
     if args.train:
         trainer = L.Trainer(max_steps=steps, accelerator=args.accelerator, precision="32-true", logger=False,

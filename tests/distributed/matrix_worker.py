@@ -102,8 +102,8 @@ def main(devices: int, precision: str, out: str) -> None:
     for family in FAMILIES:
         model, first = build(family), FirstStep()
         trainer = L.Trainer(
-            callbacks=[first], accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", precision=precision,
-            max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            callbacks=[first], accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+            precision=precision, max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
         )
         initial = floating_state(model)

@@ -26,7 +26,8 @@ class FixedWeighting(LossWeighting):
         weights = [1.0] * len(self.tasks) if weights is None else list(weights)
         if len(weights) != len(self.tasks):
             raise ValueError(
-                f"fixed weighting expected {len(self.tasks)} weights (one per task {self.tasks}), got {len(weights)}"
+                f"fixed weighting expected {len(self.tasks)} weights (one per task {self.tasks}), got {len(weights)}; "
+                f"give balancer_args.weights one weight per task, in task order."
             )
         # Non-persistent: the weights are a hyper-parameter (saved with the module's hparams), not training state.
         self.register_buffer("fixed_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -44,4 +45,6 @@ def create_balancer(name: str, tasks: list[str], **kwargs: Any) -> LossWeighting
     try:
         return cls(tasks, **kwargs)
     except TypeError as e:
-        raise TypeError(f"invalid arguments for balancing method {name!r} ({cls.__name__}): {e}") from e
+        valid = [p for p in inspect.signature(cls).parameters if p != "tasks"]
+        raise TypeError(f"invalid arguments for balancing method {name!r} ({cls.__name__}): {e}; its arguments are: "
+                        f"{', '.join(valid) or 'none'}.") from e
