@@ -74,6 +74,9 @@ class RecipeCLI(LightningCLI):
             "checkpoint.save_last": True,
             "checkpoint.filename": "best-{step}",
             "checkpoint.auto_insert_metric_name": False,
+            # a new fit into the same dirpath replaces last.ckpt: with Lightning's version counter it would write
+            # last-v1.ckpt and `--ckpt_path best|last` would find the previous run's checkpoints
+            "checkpoint.enable_version_counter": False,
             "trainer.logger": {
                 "class_path": "lightning_mtl.loggers.WandbLogger",
                 "init_args": {"project": "lightning-mtl"},

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_mtl.cli import resolve_checkpoint_alias
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "fewshot.py"
 CONFIGS = sorted((REPO / "recipes" / "configs" / "omniglot").glob("*.yaml"))
@@ -100,6 +102,16 @@ def test_real_fit_then_test_best_and_last(precision, data_env, tmp_path):
     metrics_files = list((tmp_path / "logs").rglob("metrics.csv"))
     logged = {k for f in metrics_files for row in csv.DictReader(f.open()) for k, v in row.items() if v}
     assert {"train/loss", "train/acc", "val/acc", "test/acc", "test/acc_ci95", "test/episodes"} <= logged
+
+
+def test_second_fit_into_the_same_dirpath_is_what_best_and_last_find(data_env, tmp_path):
+    """A re-run replaces last.ckpt (no last-v1.ckpt), so `--ckpt_path best|last` never picks the previous run's."""
+    fewshot.main(["fit", *small_run_args(tmp_path, steps=4), "--trainer.logger=false"])
+    fewshot.main(["fit", *small_run_args(tmp_path, steps=6), "--trainer.logger=false"])
+    ckpts = tmp_path / "ckpt"
+    assert not list(ckpts.glob("last-v*.ckpt")), sorted(p.name for p in ckpts.iterdir())
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+    assert Path(resolve_checkpoint_alias("best", str(ckpts))).name == "best-6.ckpt"
 
 
 def test_test_ckpt_best_without_fit_says_what_to_do(data_env, tmp_path):
