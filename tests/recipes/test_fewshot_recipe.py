@@ -106,8 +106,8 @@ def test_real_fit_then_test_best_and_last(precision, data_env, tmp_path):
 
 def test_second_fit_into_the_same_dirpath_is_what_best_and_last_find(data_env, tmp_path):
     """A re-run replaces last.ckpt (no last-v1.ckpt), so `--ckpt_path best|last` never picks the previous run's."""
-    fewshot.main(["fit", *small_run_args(tmp_path, steps=4), "--trainer.logger=false"])
-    fewshot.main(["fit", *small_run_args(tmp_path, steps=6), "--trainer.logger=false"])
+    fewshot.main(["fit", *small_run_args(tmp_path, steps=4)])
+    fewshot.main(["fit", *small_run_args(tmp_path, steps=6)])
     ckpts = tmp_path / "ckpt"
     assert not list(ckpts.glob("last-v*.ckpt")), sorted(p.name for p in ckpts.iterdir())
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
