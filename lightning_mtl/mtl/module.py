@@ -96,6 +96,10 @@ class MultiTaskModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._loss_scale = G.LossScale(None)
         self._matrix = G.Buffer()  # the (K, D) task-gradient matrix, reused across steps
+        # the last logged diagnostics and their epoch, kept in checkpoints (see on_load_checkpoint)
+        self._diagnostics: dict[str, Tensor] = {}
+        self._diagnostics_epoch = -1
+        self._restored_diagnostics: dict[str, float] | None = None
         self.__dict__["_backbone_template"] = backbone  # not a submodule until _build places it in the model
         self.model: HardSharing | SoftSharing | None = None
         if num_classes is not None:
@@ -374,9 +378,28 @@ class MultiTaskModule(L.LightningModule):
                     self.log(f"weights/{t}", self.balancer.weights[i].float())
         if matrix is not None:
             with self._full_precision():
-                diagnostics = gradient_diagnostics(matrix, self.task_names)
-            for key, value in diagnostics.items():
+                self._diagnostics = gradient_diagnostics(matrix, self.task_names)
+            self._diagnostics_epoch = self.current_epoch
+            for key, value in self._diagnostics.items():
                 self.log(f"diag/{key}", value)
+        elif self._restored_diagnostics is not None:
+            for key, value in self._restored_diagnostics.items():
+                self.log(f"diag/{key}", value)
+        self._restored_diagnostics = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mtl_diagnostics"] = {"epoch": self._diagnostics_epoch,
+                                         "values": {k: float(v) for k, v in self._diagnostics.items()}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning re-reports a step metric at every later logging step of its epoch; diagnostics are logged only
+        every ``diagnostics_every`` steps, so a run resumed mid-epoch re-logs the checkpoint's last ones once, and its
+        logs equal an uninterrupted run's."""
+        saved = checkpoint.get("mtl_diagnostics") or {}
+        if saved.get("values") and saved.get("epoch") == checkpoint.get("epoch"):
+            self._restored_diagnostics = dict(saved["values"])
+            self._diagnostics = {k: torch.tensor(v) for k, v in saved["values"].items()}
+            self._diagnostics_epoch = saved["epoch"]
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: MultiTaskBatch, stage: str) -> None:
