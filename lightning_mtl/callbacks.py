@@ -89,18 +89,21 @@ class NonFiniteGuard(Callback):
     (``grad = None``), which optimizers treat as "no update" for those parameters. With 16-bit mixed precision
     GradScaler already skips overflowing steps and backs off its scale, so the guard stands aside.
 
+    The check costs one host synchronisation per step, which can show in GPU throughput of launch-bound steps:
+    ``"off"`` removes it (and the protection).
+
     Args:
-        mode: ``"skip"`` the step with a warning, or ``"raise"`` a ``FloatingPointError``.
+        mode: ``"skip"`` the step with a warning, ``"raise"`` a ``FloatingPointError``, or ``"off"``.
     """
 
-    def __init__(self, mode: Literal["skip", "raise"] = "skip") -> None:
-        if mode not in ("skip", "raise"):
-            raise ValueError(f"NonFiniteGuard mode must be 'skip' or 'raise', got {mode!r}")
+    def __init__(self, mode: Literal["skip", "raise", "off"] = "skip") -> None:
+        if mode not in ("skip", "raise", "off"):
+            raise ValueError(f"NonFiniteGuard mode must be 'skip', 'raise' or 'off', got {mode!r}")
         self.mode = mode
         self.skipped = 0
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:

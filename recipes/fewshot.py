@@ -8,7 +8,7 @@ LightningDataModule yielding :class:`~lightning_mtl.Episode` batches). ``fit`` k
 ``val/acc`` and the last one; ``test``/``validate`` accept ``--ckpt_path best|last|PATH``, where ``best`` and
 ``last`` are looked up in the checkpoint directory of the config (``checkpoint.dirpath``), so they also work in a
 fresh process after ``fit``. A NaN/Inf loss never reaches the weights: the step is skipped with a warning
-(``--nonfinite.mode skip``, the default) or training stops (``raise``).
+(``--nonfinite.mode skip``, the default) or training stops (``raise``); ``off`` saves its one host sync per step.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class FewShotCLI(RecipeCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(EpisodeThroughput, "throughput")
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")  # --nonfinite.mode skip|raise
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")  # --nonfinite.mode skip|raise|off
 
 
 def main(args: list[str] | None = None) -> FewShotCLI:

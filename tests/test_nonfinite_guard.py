@@ -77,5 +77,11 @@ def test_skipped_step_keeps_the_weights_bit_for_bit():
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match="mode must be 'skip' or 'raise', got 'ignore'"):
+    with pytest.raises(ValueError, match="mode must be 'skip', 'raise' or 'off', got 'ignore'"):
         NonFiniteGuard("ignore")
+
+
+def test_off_lets_the_nan_through():
+    model = models()["protonet"]
+    fit(model, episodes(poison_step=0, steps=1), NonFiniteGuard("off"))
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
