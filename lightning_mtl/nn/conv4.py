@@ -1,5 +1,11 @@
 """Conv-4: the four-block convolutional backbone of Vinyals et al. (NeurIPS 2016), Snell et al. (NeurIPS 2017) and
-Finn et al. (ICML 2017): 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2x2]."""
+Finn et al. (ICML 2017): 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2x2].
+
+Each block runs max-pool before ReLU: ReLU is monotone, so ``relu(max_pool(x)) == max_pool(relu(x))`` exactly, and
+their gradients agree too (both send the gradient to the window's arg-max, and both give zero when the window's
+maximum is <= 0), while ReLU and its backward touch a quarter of the elements. The parameter names are the usual
+ones (``features.{0,4,8,12}`` convolutions, ``features.{1,5,9,13}`` BatchNorms).
+"""
 
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ class Conv4(nn.Module):
             blocks += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
                 nn.BatchNorm2d(c_out, track_running_stats=track_running_stats),
-                nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
+                nn.ReLU(inplace=True),
             ]
         self.features = nn.Sequential(*blocks)
         self.in_channels = in_channels
@@ -43,6 +49,24 @@ class Conv4(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.features(x).flatten(1)  # (N, out_channels * h * w)
+        if not self.channels_last:
+            return self.features(x).flatten(1)  # (N, out_channels * h * w)
+        x = _channels_last(x)
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d):
+                x = x.contiguous(memory_format=torch.channels_last)  # a no-op unless a custom layer changed it
+        return x.flatten(1)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` with channels-last strides, also when it has one channel.
+
+    A one-channel NCHW tensor already counts as channels-last contiguous, so ``contiguous(memory_format=...)`` keeps
+    its NCHW strides, and a convolution of it returns NCHW: the largest block (Omniglot's 28x28 maps) would run in the
+    slow layout and the next convolution would convert. A copy with explicit channels-last strides (one channel: as
+    cheap as the image itself) makes every block channels-last.
+    """
+    if x.dim() == 4 and x.shape[1] == 1 and x.stride(1) != 1:
+        return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    return x.contiguous(memory_format=torch.channels_last)

@@ -11,8 +11,10 @@ over learn2learn (learn2learn ms / ours ms) when it is installed (``make learn2l
 
 * ProtoNet: learn2learn's ``LightningPrototypicalNetworks`` in its own Trainer (``pytorch_lightning``), fed the same
   episodes in its ``(data, labels)`` layout (images already float, which spares it our on-device conversion);
-* both peers get our Conv-4 exactly (``--l2l-layout same``, the default: the same kernels, so the ratio measures the
-  framework code) or the same network in PyTorch's default NCHW layout (``nchw``: what a plain Conv-4 costs);
+* the peers' Conv-4 (``--l2l-layout``): ``l2l`` (the default) is learn2learn's own ``CNN4Backbone(max_pool=True)``,
+  the same function as ours (4 x [conv 3x3, BatchNorm, ReLU, max-pool 2x2], 64 channels) written as plain NCHW
+  modules: what a learn2learn user runs. ``same`` gives the peers our Conv-4 exactly (the same kernels, so the ratio
+  measures only the framework code); ``nchw`` gives them our Conv-4 with ``channels_last=False``;
 * MAML: learn2learn's ``MAML`` with ``clone()`` / ``adapt()`` in the plain loop of its examples (its Lightning MAML
   is written for Lightning 1.x).
 """
@@ -149,7 +151,13 @@ def l2l_batch(ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def l2l_backbone(layout: str, transductive: bool) -> torch.nn.Module:
-    """The peer's Conv-4: ours exactly (``same``), or the same architecture in PyTorch's default NCHW layout."""
+    """The peer's Conv-4: learn2learn's own (``l2l``), ours exactly (``same``), or ours in NCHW layout (``nchw``)."""
+    if layout == "l2l":
+        from learn2learn.vision.models import CNN4Backbone
+
+        # In training mode its BatchNorm normalises with batch statistics, as ours does (it also updates running
+        # statistics, which it never uses while training).
+        return CNN4Backbone(hidden_size=64, layers=4, channels=1, max_pool=True)
     return Conv4(in_channels=1, track_running_stats=not transductive, channels_last=layout == "same")
 
 
@@ -234,8 +242,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["protonet", "maml"], choices=["protonet", "maml"])
     parser.add_argument("--no-learn2learn", action="store_true", help="skip the learn2learn peer")
-    parser.add_argument("--l2l-layout", default="same", choices=["same", "nchw"],
-                        help="the peer's Conv-4: ours exactly (channels-last), or the same network in NCHW layout")
+    parser.add_argument("--l2l-layout", default="l2l", choices=["l2l", "same", "nchw"],
+                        help="the peers' Conv-4: learn2learn's CNN4Backbone(max_pool=True), ours exactly "
+                             "(channels-last), or ours in NCHW layout")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     peer = not args.no_learn2learn and learn2learn_available()
@@ -253,7 +262,9 @@ def main() -> None:
         "maml": (lambda: MAML(ways=5), EpisodeSampler(images, 5, 1, 15, 4), raw_maml_step,
                  "MAML 2nd order 5-way 1-shot 15-query, meta-batch 4"),
     }
-    results = {"device": device_name, "sampler_episodes_per_s": rate, "runs": []}
+    if peer:
+        print(f"learn2learn peers' Conv-4: --l2l-layout {args.l2l_layout}")
+    results = {"device": device_name, "sampler_episodes_per_s": rate, "l2l_layout": args.l2l_layout, "runs": []}
     print(f"{'method':52s} {'precision':>10s} {'raw ms':>8s} {'lightning ms':>12s} {'ratio':>6s} {'episodes/s':>10s}"
           f" {'l2l ms':>8s} {'l2l/ours':>8s}")
     for method in args.methods:

@@ -1,0 +1,81 @@
+"""Conv-4: the fast layout computes exactly the textbook block (conv, BatchNorm, ReLU, max-pool), keeps every block
+channels-last (also for one-channel images), and keeps the parameter names of saved checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mtl.nn import Conv4
+
+
+def textbook(model: Conv4) -> nn.Sequential:
+    """The same network as ``model`` in the published order, NCHW, sharing nothing with it."""
+    blocks = []
+    for i in range(0, len(model.features), 4):
+        conv, bn = model.features[i], model.features[i + 1]
+        blocks += [nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1),
+                   nn.BatchNorm2d(bn.num_features, track_running_stats=bn.track_running_stats),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+    reference = nn.Sequential(*blocks, nn.Flatten())
+    reference.load_state_dict({k.removeprefix("features."): v.contiguous() for k, v in model.state_dict().items()})
+    return reference
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_equals_the_textbook_block_order_forward_and_backward(channels_last, in_channels):
+    torch.manual_seed(0)
+    model = Conv4(in_channels=in_channels, hidden_channels=16, out_channels=8, channels_last=channels_last)
+    with torch.no_grad():  # non-trivial affine BatchNorm parameters, so that pool/ReLU order would matter if wrong
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1, 1)
+                m.bias.uniform_(-0.5, 0.5)
+    reference = textbook(model)
+    x = torch.randn(6, in_channels, 28, 28)
+    out, expected = model(x), reference(x)
+    assert out.shape == expected.shape == (6, 8)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    ours = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(ours[f"features.{name}"].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # BatchNorm running statistics are updated identically
+    torch.testing.assert_close(model.features[1].running_mean, reference[1].running_mean)
+
+
+def test_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, hidden_channels=4, out_channels=4, channels_last=True).double()
+    x = torch.randn(4, 1, 16, 16, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: model(inp), (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_every_block_runs_channels_last(in_channels, functional):
+    model = Conv4(in_channels=in_channels, hidden_channels=16, out_channels=16)
+    layouts = []
+    for layer in model.features:
+        if not isinstance(layer, nn.Conv2d):
+            layer.register_forward_hook(lambda m, inputs, out: layouts.append((type(m).__name__, inputs[0].stride(1))))
+    x = torch.randn(5, in_channels, 28, 28)
+    if functional:  # MAML's adapted weights (theta - lr * grad) come back in NCHW strides
+        params = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.named_parameters()}
+        torch.func.functional_call(model, params, (x,))
+    else:
+        model(x)
+    # channels-last: the channel stride is 1 (a 1x1 map is both layouts, so the last block is not checked)
+    assert all(stride == 1 for _, stride in layouts[:-3]), layouts
+
+
+def test_parameter_names_are_those_of_saved_checkpoints():
+    names = set(Conv4().state_dict())
+    for conv, bn in ((0, 1), (4, 5), (8, 9), (12, 13)):
+        assert {f"features.{conv}.weight", f"features.{conv}.bias", f"features.{bn}.weight",
+                f"features.{bn}.running_mean"} <= names
+    assert len(names) == 4 * 2 + 4 * 5  # conv weight/bias; BN weight, bias, running mean/var, num_batches_tracked
