@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omniglot_fakes import make_fake_omniglot
 from PIL import Image
 
 from lightning_mtl.datamodules import OmniglotEpisodes, _omniglot_archives, omniglot
@@ -55,20 +56,8 @@ def png(seed: int, size: int = 8, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
-def make_omniglot(root: Path, chars: int = 2) -> Path:
-    """A tiny Omniglot in the official layout, ``chars`` characters per archive, with Vinyals-style split lists."""
-    folder = root / "omniglot"
-    (folder / "splits" / "vinyals").mkdir(parents=True)
-    lines = []
-    for archive, alphabet in (("images_background", "Alpha"), ("images_evaluation", "Beta")):
-        with zipfile.ZipFile(folder / f"{archive}.zip", "w") as zf:
-            for c in range(1, chars + 1):
-                for d in range(1, 21):
-                    zf.writestr(f"{archive}/{alphabet}/character{c:02d}/{c:04d}_{d:02d}.png", png(c * 100 + d, 16))
-                lines += [f"{alphabet}/character{c:02d}/rot{r:03d}" for r in (0, 90, 180, 270)]
-    for split, chosen in (("train", lines[:8]), ("val", lines[8:12]), ("test", lines[12:]), ("trainval", lines[:12])):
-        (folder / "splits" / "vinyals" / f"{split}.txt").write_text("\n".join(chosen) + "\n")
-    return root
+def make_omniglot(root: Path) -> Path:
+    return make_fake_omniglot(root, chars_per_archive=2, image_size=16)
 
 
 def omniglot_dm(root: Path, cache: Path, **kw) -> OmniglotEpisodes:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from omniglot_fakes import make_fake_omniglot
 
 from lightning_mtl.datamodules import OmniglotEpisodes
 
@@ -70,29 +69,6 @@ def test_real_eval_episodes_fixed_and_disjoint(vinyals):
 
 
 # ------------------------------------------------------------------ fake archives for bad input
-
-
-def _png(seed: int) -> bytes:
-    img = Image.fromarray((np.random.default_rng(seed).random((105, 105)) > 0.1).astype(np.uint8) * 255).convert("1")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_fake_omniglot(root: Path, chars_per_archive: int = 3) -> Path:
-    """A tiny Omniglot with the official layout: one alphabet per archive, ``chars_per_archive`` characters each."""
-    folder = root / "omniglot"
-    (folder / "splits" / "vinyals").mkdir(parents=True)
-    lines = []
-    for archive, alphabet in (("images_background", "Alpha"), ("images_evaluation", "Beta")):
-        with zipfile.ZipFile(folder / f"{archive}.zip", "w") as zf:
-            for c in range(1, chars_per_archive + 1):
-                for d in range(1, 21):
-                    zf.writestr(f"{archive}/{alphabet}/character{c:02d}/{c:04d}_{d:02d}.png", _png(c * 100 + d))
-                lines += [f"{alphabet}/character{c:02d}/rot{r:03d}" for r in (0, 90, 180, 270)]
-    for split, chosen in (("train", lines[:12]), ("val", lines[12:16]), ("test", lines[16:]), ("trainval", lines[:16])):
-        (folder / "splits" / "vinyals" / f"{split}.txt").write_text("\n".join(chosen) + "\n")
-    return root
 
 
 @pytest.fixture
