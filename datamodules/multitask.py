@@ -115,6 +115,9 @@ def collate_shared(samples: list) -> MultiTaskBatch:
     return MultiTaskBatch(x, targets)
 
 
+_MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch"
+
+
 class ResumedLoader(DataLoader):
     """A DataLoader whose first iteration skips its first ``skip`` batches (those taken before a checkpoint).
 
@@ -188,6 +191,7 @@ class MultiTaskDataModule(L.LightningDataModule, ABC):
         self.mode, self.eval_mode, self.num_workers, self.seed = mode, eval_mode, num_workers, seed
         self.splits: TaskSplits | None = None
         self._resume_at: dict[str, int] = {}
+        self._resume_filter: tuple | None = None  # the warnings filter installed by load_state_dict, until teardown
 
     @abstractmethod
     def build_splits(self) -> TaskSplits:
@@ -237,8 +241,15 @@ class MultiTaskDataModule(L.LightningDataModule, ABC):
         """Make the next :meth:`train_dataloader` continue where the checkpoint left the training data."""
         self._resume_at = dict(state_dict)
         # Lightning warns that a mid-epoch resume is unreliable unless every loader has its own state_dict; here the
-        # datamodule holds the position
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        # datamodule holds the position. The filter lasts until this fit's teardown, not for the whole process.
+        if self._resume_filter is None:
+            warnings.filterwarnings("ignore", message=_MID_EPOCH_RESUME_WARNING)
+            self._resume_filter = warnings.filters[0]
+
+    def teardown(self, stage: str) -> None:
+        if self._resume_filter is not None and self._resume_filter in warnings.filters:
+            warnings.filters.remove(self._resume_filter)  # an "ignore" filter leaves no registry entry to reset
+        self._resume_filter = None
 
     def _loader(
         self, ds: Dataset, train: bool, stream: int, shared: bool, position: tuple[int, int, int] = (0, 0, 0)
