@@ -49,14 +49,9 @@ class Conv4(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.channels_last:
-            return self.features(x).flatten(1)  # (N, out_channels * h * w)
-        x = _channels_last(x)
-        for layer in self.features:
-            x = layer(x)
-            if isinstance(layer, nn.Conv2d):
-                x = x.contiguous(memory_format=torch.channels_last)  # a no-op unless a custom layer changed it
-        return x.flatten(1)
+        if self.channels_last:
+            x = _channels_last(x)  # the convolutions then keep the layout, whatever the weights' strides
+        return self.features(x).flatten(1)  # (N, out_channels * h * w)
 
 
 def _channels_last(x: Tensor) -> Tensor:
