@@ -1,6 +1,6 @@
 """Exact resume: a recipe fit SIGKILLed at a random point and resumed with ``--ckpt_path last`` ends bit-identical to an
-uninterrupted run (weights, optimizer, schedulers, balancer and RNG states, data position, logged metrics); a kill
-during a checkpoint write never leaves a truncated ``last.ckpt``.
+uninterrupted run, in one process and under 2-process DDP (weights, optimizer, schedulers, balancer and RNG states,
+data position, logged metrics); a kill during a checkpoint write never leaves a truncated ``last.ckpt``.
 
 Each resume test starts the uninterrupted run and the run to kill side by side (real processes, real data, dataloader
 workers), kills the second at a seeded random delay after its first ``last.ckpt``, resumes it, and compares.
@@ -51,8 +51,16 @@ def _common(run: Path) -> list[str]:
 def _launch(recipe: str, args: list[str], env: dict, log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:  # the child keeps its own descriptor
+        # a session of its own: a kill reaches the whole group (under DDP, the other rank that rank 0 started)
         return subprocess.Popen([sys.executable, str(REPO / "recipes" / recipe), "fit", *args], env=env,
-                                cwd=log.parent, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has already exited
+        pass
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -67,7 +75,7 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, last: Path, delay: floa
         assert time.monotonic() < deadline, "no checkpoint after 300 s:\n" + log.read_text()[-6000:]
         time.sleep(0.05)
     time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
+    _kill_group(proc)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before the kill; lower the delay"
 
 
@@ -139,8 +147,7 @@ def check_exact_resume(recipe: str, args: list[str], tmp_path: Path, env: dict, 
         _wait(full_proc, full / "out.log")
     finally:
         for proc in (full_proc, killed_proc):
-            if proc.poll() is None:
-                proc.kill()
+            _kill_group(proc)  # also any rank left behind
     assert_same(_final_state(full / "ckpt"), _final_state(killed / "ckpt"))
     assert_same_rows(_rows(full / "logs"), _rows(tmp_path / "resumed_logs"), resumed_from)
 
@@ -152,6 +159,22 @@ def test_fewshot_reptile_resumes_exactly_after_sigkill(env, tmp_path):
             "--data.num_workers=2", "--model.inner_steps=2", "--model.eval_inner_steps=2",
             "--model.inner_batch_size=5"]
     check_exact_resume("fewshot.py", args, tmp_path, env, seed=1)
+
+
+def test_fewshot_reptile_ddp_resumes_exactly_after_sigkill(env, tmp_path):
+    """Two gloo processes, both killed: each rank's episode stream position and random states (Reptile's inner
+    batches) come back from the one checkpoint rank 0 wrote. (Both ranks are seeded alike here, so a rank restored
+    with rank 0's random states would pass; a rank restarting its stream at the wrong episode fails, checked by
+    mutation.)"""
+    env = {k: v for k, v in env.items() if not k.startswith(("PL_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"))}
+    args = ["--config", str(CONFIGS / "omniglot" / "reptile_5w1s_quick.yaml"), "--data.val_episodes=4",
+            "--data.eval_meta_batch_size=2", "--data.train_queries=2", "--data.meta_batch_size=2",
+            "--data.num_workers=1", "--model.inner_steps=2", "--model.eval_inner_steps=2",
+            "--model.inner_batch_size=5", "--trainer.accelerator=cpu", "--trainer.devices=2",
+            "--trainer.strategy=ddp"]
+    check_exact_resume("fewshot.py", args, tmp_path, env, seed=3)
+    for log in (tmp_path / "full" / "out.log", tmp_path / "resumed.log"):
+        assert "Starting with 2 processes" in log.read_text(), log
 
 
 def test_multitask_famo_resumes_exactly_after_sigkill(env, tmp_path):
