@@ -15,10 +15,22 @@ A task's training data is its support AND query set together: Reptile has no sup
 the whole episode is the task's data (the paper samples ``train_shots`` examples per class). The inner loop takes
 mini-batches of ``inner_batch_size`` examples without replacement, reshuffling after each pass. Evaluation is as in
 MAML: adapt on the support set for ``eval_inner_steps`` steps, classify the query set (BatchNorm transductive with
-the default :class:`~lightning_mtl.nn.Conv4`, as the paper's transductive results). Inner Adam (the paper's Omniglot
-setup, with beta1 = 0) starts from a fresh state for every task, so a task's adaptation depends on that task alone;
-the paper's code carries Adam's moments from task to task. ``train/loss`` and ``train/acc`` are those of the last
-inner mini-batch before its update, averaged over the meta-batch: how well a task is fit after k - 1 steps.
+the default :class:`~lightning_mtl.nn.Conv4`, as the paper's transductive results).
+
+Inner Adam (the paper's Omniglot setup, with beta1 = 0) has two modes, ``inner_state``:
+
+- ``"carried"`` (the paper's code): one Adam state (moments and step count) lives across all tasks and meta-iterations.
+  Each training task starts from the state the previous task left, and evaluation adapts from a copy of it without
+  changing it. Adam's step is then ``lr * g / sqrt(v)`` with ``v`` the long-run mean of squared task gradients: a
+  per-coordinate preconditioner learned over training. The state is a set of buffers (saved in checkpoints). Under
+  DDP the ranks average it after every meta-iteration, so that all ranks hold the same state; one process on the
+  same global meta-batch carries it through all the tasks in turn instead, so the two differ slightly (with SGD or
+  ``"fresh"`` they are equal).
+- ``"fresh"``: every task starts from a new Adam state, so a task's adaptation depends on that task alone. With
+  beta1 = 0 the first steps are then about ``lr * sign(g)`` whatever the gradient's size.
+
+``train/loss`` and ``train/acc`` are those of the last inner mini-batch before its update, averaged over the
+meta-batch: how well a task is fit after k - 1 steps.
 """
 
 from __future__ import annotations
@@ -62,13 +74,16 @@ class Reptile(EpisodicModule):
         inner_steps: inner updates k per task during training.
         inner_batch_size: examples per inner update; ``None`` uses all the task's data in every update.
         inner_betas: Adam's (beta1, beta2) in the inner loop; the paper's code uses beta1 = 0.
+        inner_state: ``"carried"`` (one inner Adam state across tasks, as the paper's code) or ``"fresh"`` (a new
+            state per task); see the module docstring. Plain SGD has no state, so this only matters for Adam.
         outer_lr: outer step size epsilon at the first meta-iteration.
         outer_lr_final: outer step size reached at ``trainer.max_steps`` (linear annealing; the paper anneals to 0).
         eval_inner_lr: inner step size at validation / test; ``None`` uses ``inner_lr``.
         eval_inner_steps: inner updates at validation / test, on the whole support set (the paper uses 50).
 
     Raises:
-        ValueError: ``ways < 2``, an unknown ``inner_optimizer``, non-positive step counts, sizes or step sizes.
+        ValueError: ``ways < 2``, an unknown ``inner_optimizer`` or ``inner_state``, non-positive step counts, sizes
+            or step sizes.
     """
 
     def __init__(
@@ -81,6 +96,7 @@ class Reptile(EpisodicModule):
         inner_steps: int = 5,
         inner_batch_size: int | None = 10,
         inner_betas: tuple[float, float] = (0.0, 0.999),
+        inner_state: Literal["carried", "fresh"] = "carried",
         outer_lr: float = 1.0,
         outer_lr_final: float = 0.0,
         eval_inner_lr: float | None = None,
@@ -91,6 +107,8 @@ class Reptile(EpisodicModule):
             raise ValueError(f"Reptile needs ways >= 2, got {ways}")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if inner_state not in ("carried", "fresh"):
+            raise ValueError(f"inner_state must be 'carried' or 'fresh', got {inner_state!r}")
         if inner_steps < 1 or eval_inner_steps < 0:
             raise ValueError(f"need inner_steps >= 1 and eval_inner_steps >= 0, got {inner_steps}, {eval_inner_steps}")
         if inner_batch_size is not None and inner_batch_size < 1:
@@ -104,6 +122,26 @@ class Reptile(EpisodicModule):
         with torch.no_grad():
             features = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
         self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(features, ways))
+        # the carried inner Adam state: buffers, so that it follows the module's device and is checkpointed
+        self.inner_adam = nn.Module()
+        if inner_state == "carried" and inner_optimizer == "adam":
+            self.inner_adam.register_buffer("step", torch.zeros(()))
+            for name, p in self.net.named_parameters():
+                key = name.replace(".", "__")
+                self.inner_adam.register_buffer(f"{key}__exp_avg", torch.zeros_like(p))
+                self.inner_adam.register_buffer(f"{key}__exp_avg_sq", torch.zeros_like(p))
+
+    def inner_adam_state(self) -> dict[str, dict[str, Tensor]] | None:
+        """The carried inner Adam state keyed like ``self.net.named_parameters()`` (views of the buffers), or
+        ``None`` with ``inner_state="fresh"``."""
+        if self.hparams.inner_state != "carried" or self.hparams.inner_optimizer != "adam":
+            return None
+        buffers = dict(self.inner_adam.named_buffers())
+        return {
+            name: {"step": buffers["step"], "exp_avg": buffers[f"{name.replace('.', '__')}__exp_avg"],
+                   "exp_avg_sq": buffers[f"{name.replace('.', '__')}__exp_avg_sq"]}
+            for name, _ in self.net.named_parameters()
+        }
 
     def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Logits of images ``x`` under ``params`` (the module's own parameters if ``None``)."""
@@ -115,9 +153,12 @@ class Reptile(EpisodicModule):
         return F.cross_entropy(logits, y)
 
     def adapt(
-        self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None
+        self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None, carry: bool = False
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Run ``steps`` inner-optimizer updates from the module's parameters on the task data ``(x, y)``.
+
+        With ``inner_state="carried"`` inner Adam starts from a copy of the carried state, which is then replaced by
+        the state the task ends with if ``carry`` (training) and left unchanged otherwise (evaluation).
 
         Returns:
             The adapted parameters phi (detached, keyed like ``self.net.named_parameters()``), and the loss and
@@ -127,7 +168,14 @@ class Reptile(EpisodicModule):
         leaves = list(params.values())
         if self.hparams.inner_optimizer == "adam":
             inner = torch.optim.Adam(leaves, lr=lr, betas=self.hparams.inner_betas)
+            carried = self.inner_adam_state()
+            if carried is not None:
+                for name, p in params.items():
+                    # a CPU float32 step, as Adam keeps it when not capturable
+                    inner.state[p] = {k: v.to("cpu", torch.float32, copy=True) if k == "step" else v.clone()
+                                      for k, v in carried[name].items()}
         else:
+            carried = None
             inner = torch.optim.SGD(leaves, lr=lr)
         n = x.shape[0]
         size = n if batch_size is None else min(batch_size, n)
@@ -144,6 +192,11 @@ class Reptile(EpisodicModule):
                 inner.step()
         if steps:
             acc = (logits.argmax(-1) == y[idx]).float().mean()
+            if carry and carried is not None:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        for k, v in carried[name].items():
+                            v.copy_(inner.state[p][k])
         return {name: p.detach() for name, p in params.items()}, loss.detach(), acc
 
     def _check_episode(self, episode: Episode) -> None:
@@ -180,8 +233,12 @@ class Reptile(EpisodicModule):
         x = torch.cat([episode.support_x, episode.query_x], 1)  # (B, ways * (shots + queries), C, H, W)
         y = torch.cat([episode.support_y, episode.query_y], 1)
         b = episode.meta_batch_size
-        phis, losses, accs = zip(*(self.adapt(x[i], y[i], hp.inner_steps, hp.inner_lr, hp.inner_batch_size)
+        # tasks run one after the other; with a carried inner state each starts from the state the previous left
+        phis, losses, accs = zip(*(self.adapt(x[i], y[i], hp.inner_steps, hp.inner_lr, hp.inner_batch_size, True)
                                    for i in range(b)), strict=True)
+        if self._trainer is not None and self.inner_adam_state() is not None:
+            for buffer in self.inner_adam.buffers():  # every rank continues from the same (rank-averaged) state
+                buffer.copy_(self.trainer.strategy.reduce(buffer, reduce_op="mean"))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for name, p in self.net.named_parameters():
             mean_phi = sum(phi[name] for phi in phis) / b

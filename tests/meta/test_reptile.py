@@ -96,7 +96,7 @@ def test_k_sgd_steps_on_a_quadratic_match_the_closed_form():
 
 def test_fresh_adam_first_step_is_lr_times_normalised_gradient():
     """beta1 = 0 and bias correction: the first Adam step is lr g / (|g| + 1e-8), about lr sign(g)."""
-    model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-3, inner_batch_size=None).double()
+    model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-3, inner_batch_size=None, inner_state="fresh").double()
     x, y = task_data(tiny_episode(), 0)
     theta = dict(model.net.named_parameters())
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(theta.values()))
@@ -104,6 +104,74 @@ def test_fresh_adam_first_step_is_lr_times_normalised_gradient():
     for (name, p), g in zip(theta.items(), grads, strict=True):
         torch.testing.assert_close(phi[name], p.detach() - 1e-3 * g / (g.abs() + 1e-8), atol=1e-15, rtol=1e-12)
     assert torch.isfinite(loss) and 0 <= acc <= 1
+
+
+def manual_adam(theta, tasks, steps, lr, beta2, v=None, t=0):
+    """beta1 = 0 Adam written out: ``v <- beta2 v + (1 - beta2) g^2``, ``p <- p - lr g / (sqrt(v / (1 - beta2^t)) +
+    eps)``, one state ``(v, t)`` continued from task to task, every task starting from ``theta``."""
+    v = {n: torch.zeros_like(p) for n, p in theta.items()} if v is None else v
+    phis = []
+    for model, x, y in tasks:
+        params = {n: p.detach().clone() for n, p in theta.items()}
+        for _ in range(steps):
+            leaves = {n: p.requires_grad_() for n, p in params.items()}
+            grads = torch.autograd.grad(F.cross_entropy(model(x, leaves), y), list(leaves.values()))
+            t += 1
+            for (n, p), g in zip(leaves.items(), grads, strict=True):
+                v[n] = beta2 * v[n] + (1 - beta2) * g * g
+                params[n] = (p - lr * g / ((v[n] / (1 - beta2**t)).sqrt() + 1e-8)).detach()
+        phis.append(params)
+    return phis, v, t
+
+
+def test_carried_adam_state_continues_from_task_to_task_and_evaluation_leaves_it():
+    """The paper's code: one inner Adam state through all tasks. Task 2 starts from theta with the moments task 1
+    left; evaluation adapts from a copy of the state."""
+    model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-2, inner_batch_size=None, inner_state="carried").double()
+    episode = tiny_episode()
+    tasks = [(model, *task_data(episode, i)) for i in range(2)]
+    theta = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    expected, v, t = manual_adam(theta, tasks, steps=3, lr=1e-2, beta2=0.999)
+    for (_, x, y), phi_expected in zip(tasks, expected, strict=True):
+        phi, _, _ = model.adapt(x, y, steps=3, lr=1e-2, batch_size=None, carry=True)
+        for n in theta:
+            torch.testing.assert_close(phi[n], phi_expected[n], atol=1e-12, rtol=1e-10)
+    state = model.inner_adam_state()
+    assert all(s["step"].item() == t == 6 for s in state.values())
+    for n in theta:
+        torch.testing.assert_close(state[n]["exp_avg_sq"], v[n], atol=1e-15, rtol=1e-10)
+    # a third task without carry (evaluation): adapts from the carried state, then leaves it as it was
+    before = {k: b.clone() for k, b in model.inner_adam.named_buffers()}
+    (phi3_expected,), _, _ = manual_adam(theta, tasks[:1], steps=2, lr=1e-2, beta2=0.999,
+                                         v={n: x.clone() for n, x in v.items()}, t=t)
+    phi3, _, _ = model.adapt(*tasks[0][1:], steps=2, lr=1e-2, batch_size=None)
+    for n in theta:
+        torch.testing.assert_close(phi3[n], phi3_expected[n], atol=1e-12, rtol=1e-10)
+    for k, b in model.inner_adam.named_buffers():
+        assert torch.equal(b, before[k]), k
+
+
+def test_fresh_adam_state_forgets_the_previous_task():
+    model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-2, inner_batch_size=None, inner_state="fresh").double()
+    episode = tiny_episode()
+    theta = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    model.adapt(*task_data(episode, 0), steps=3, lr=1e-2, batch_size=None, carry=True)
+    phi, _, _ = model.adapt(*task_data(episode, 1), steps=3, lr=1e-2, batch_size=None, carry=True)
+    (expected,), _, _ = manual_adam(theta, [(model, *task_data(episode, 1))], steps=3, lr=1e-2, beta2=0.999)
+    for n in theta:
+        torch.testing.assert_close(phi[n], expected[n], atol=1e-12, rtol=1e-10)
+    assert model.inner_adam_state() is None and not list(model.inner_adam.buffers())
+
+
+def test_training_carries_the_inner_state_into_the_checkpoint(tmp_path):
+    model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-2, inner_steps=2, inner_batch_size=None)
+    fit(model, tiny_episode(meta_batch=2), steps=3)
+    state = model.inner_adam_state()
+    assert all(s["step"].item() == 3 * 2 * 2 for s in state.values())  # meta-iterations x tasks x inner steps
+    assert all(s["exp_avg_sq"].abs().sum() > 0 for s in state.values())
+    keys = {k for k in model.state_dict() if k.startswith("inner_adam.")}
+    assert "inner_adam.step" in keys and "inner_adam.2__weight__exp_avg_sq" in keys
+    assert len(keys) == 1 + 2 * len(list(model.net.parameters()))
 
 
 def test_inner_mini_batches_pass_over_the_task_without_replacement():
@@ -137,6 +205,7 @@ def test_outer_step_size_is_annealed_linearly_over_max_steps():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"ways": 1}, "needs ways >= 2"),
     ({"inner_optimizer": "rmsprop"}, "inner_optimizer must be 'sgd' or 'adam'"),
+    ({"inner_state": "shared"}, "inner_state must be 'carried' or 'fresh'"),
     ({"inner_steps": 0}, "need inner_steps >= 1"),
     ({"inner_batch_size": 0}, "inner_batch_size must be >= 1 or None"),
     ({"outer_lr": 0.0}, "outer_lr > 0"),
