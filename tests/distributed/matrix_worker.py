@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "mtl"))
 from toy import global_batches, make_model, rank_slice  # noqa: E402
 
 STEPS, WAYS, SHOTS, QUERIES, META_BATCH = 3, 3, 1, 2, 2
-FAMILIES = ("protonet", "maml", "reptile", "mtl_uncertainty", "mtl_upgrad")
+FAMILIES = ("protonet", "maml", "reptile", "reptile_carried", "mtl_uncertainty", "mtl_upgrad")
 
 
 def episodes(seed: int = 0) -> list[Episode]:
@@ -63,6 +63,10 @@ def build(family: str) -> L.LightningModule:
     if family == "reptile":  # whole-task inner batches: no random mini-batch order to differ between ranks
         return Reptile(ways=WAYS, backbone=Conv4(hidden_channels=8, out_channels=8, track_running_stats=False),
                        inner_optimizer="sgd", inner_lr=0.05, inner_steps=2, inner_batch_size=None, outer_lr=0.5)
+    if family == "reptile_carried":  # inner Adam with one state across tasks, averaged over the ranks
+        return Reptile(ways=WAYS, backbone=Conv4(hidden_channels=8, out_channels=8, track_running_stats=False),
+                       inner_optimizer="adam", inner_state="carried", inner_lr=1e-2, inner_steps=2,
+                       inner_batch_size=None, outer_lr=0.5)
     balancer = family.removeprefix("mtl_")
     return make_model(balancer, level="parameter", diagnostics_every=2)
 

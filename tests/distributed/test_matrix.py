@@ -9,6 +9,8 @@ Documented equivalences (README, Guarantees):
   One process accumulates the gradients of several episodes into autocast's bf16 weight copies, DDP averages fp32
   gradients, and the order of examples in a batch differs, so bit equality is not expected.
 * every run stays finite, and multi-task bf16 updates are within 2% of fp32 ones.
+* Reptile with a carried inner Adam state: after a DDP meta-iteration the state is the mean of the states the ranks
+  reached on their own tasks (one process carries it through all tasks in turn, so it is not compared with one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import pytest
 import torch
 
 WORKER = Path(__file__).parent / "matrix_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import matrix_worker  # noqa: E402
+
 FAMILIES = ("protonet", "maml", "reptile", "mtl_uncertainty", "mtl_upgrad")
 RUNS = [(1, "32"), (2, "32"), (1, "bf16-mixed"), (2, "bf16-mixed")]
 
@@ -77,3 +82,25 @@ def test_every_run_is_finite_and_trains(states, devices, precision):
 def test_multitask_bf16_update_is_close_to_fp32(states, family):
     bf16, fp32 = states[1, "bf16-mixed"][family], states[1, "32"][family]
     assert relative_gap(update(bf16, "first"), update(fp32, "first")) < 0.02
+
+
+def test_ddp_averages_the_carried_reptile_inner_state(states):
+    """Each rank adapts its own task from the same carried state; after the meta-iteration every rank holds the
+    average of the states they reached (rank 0's is saved; rank 1 would otherwise keep its own)."""
+    model = matrix_worker.build("reptile_carried")
+    episode = matrix_worker.episodes()[0]
+    reached = []
+    for rank in range(2):
+        replica = matrix_worker.build("reptile_carried")
+        replica.load_state_dict(model.state_dict())
+        part = matrix_worker.episode_slice(episode, rank, 2)
+        x, y = torch.cat([part.support_x, part.query_x], 1), torch.cat([part.support_y, part.query_y], 1)
+        for i in range(part.meta_batch_size):
+            replica.adapt(x[i], y[i], steps=2, lr=1e-2, batch_size=None, carry=True)
+        reached.append({k: v.clone() for k, v in replica.inner_adam.named_buffers()})
+    first = states[2, "32"]["reptile_carried"]["first"]
+    assert first["inner_adam.step"].item() == 2  # one task of 2 inner steps per rank
+    for k in reached[0]:
+        torch.testing.assert_close(first[f"inner_adam.{k}"], (reached[0][k] + reached[1][k]) / 2, atol=1e-6, rtol=1e-5,
+                                   msg=k)
+    assert any(not torch.equal(reached[0][k], reached[1][k]) for k in reached[0] if k != "step")
