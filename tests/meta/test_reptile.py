@@ -163,7 +163,7 @@ def test_fresh_adam_state_forgets_the_previous_task():
     assert model.inner_adam_state() is None and not list(model.inner_adam.buffers())
 
 
-def test_training_carries_the_inner_state_into_the_checkpoint(tmp_path):
+def test_training_carries_the_inner_state_in_the_state_dict():
     model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-2, inner_steps=2, inner_batch_size=None)
     fit(model, tiny_episode(meta_batch=2), steps=3)
     state = model.inner_adam_state()
