@@ -51,6 +51,18 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
     return best
 
 
+def end_distributed() -> None:
+    """Destroy the default process group, if one is initialised: the end of a run that succeeded.
+
+    PyTorch asks every process to do this before it exits. Otherwise gloo's worker threads can outlive the Python
+    interpreter and abort the process (SIGABRT, "terminate called without an active exception") after training has
+    finished (pytorch/pytorch#190489). Call it only after success: a rank that fails mid-collective must not wait in
+    this call for the others.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class RecipeCLI(LightningCLI):
     """LightningCLI with a ``checkpoint`` group (best by :attr:`monitor` and last), the W&B logger of
     :mod:`lightning_mtl.loggers` by default, and ``--ckpt_path best|last`` for ``test``/``validate`` in a fresh
@@ -100,13 +112,22 @@ class RecipeCLI(LightningCLI):
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
 
+    # a subcommand that returns has succeeded on every rank: end the process group (see end_distributed)
+    def after_fit(self) -> None:
+        end_distributed()
+
+    def after_validate(self) -> None:
+        end_distributed()
+
     def after_test(self) -> None:
         """Write the test metrics to ``test_metrics.json`` beside the checkpoint directory (input of delta_m.py)."""
         dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
-        if dirpath is None or not self.trainer.is_global_zero:
-            return
+        if dirpath is not None and self.trainer.is_global_zero:
+            self._write_test_metrics(Path(dirpath).parent / "test_metrics.json")
+        end_distributed()
+
+    def _write_test_metrics(self, out: Path) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-        out = Path(dirpath).parent / "test_metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         rank_zero_info(f"test metrics written to {out}")

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_mtl import Episode
+from lightning_mtl.cli import end_distributed
 from lightning_mtl.meta import MAML, ProtoNet, Reptile
 from lightning_mtl.nn import Conv4
 
@@ -116,6 +117,7 @@ def main(devices: int, precision: str, out: str) -> None:
         states[family] = {"initial": initial, "first": first.state, "final": floating_state(model)}
     if trainer.global_rank == 0:
         torch.save(states, out)
+    end_distributed()  # as the recipes do: no gloo thread left to abort the exit
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_mtl.cli import end_distributed
+
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import global_batches, make_model, rank_slice  # noqa: E402
 
@@ -39,6 +41,7 @@ def main(balancer: str, level: str, devices: int, out: str, steps: int = 4) -> N
     trainer.fit(model, datamodule=Slices(steps))
     if trainer.global_rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    end_distributed()  # as the recipes do: no gloo thread left to abort the exit
 
 
 if __name__ == "__main__":

@@ -104,6 +104,25 @@ def test_real_fit_then_test_best_and_last(precision, data_env, tmp_path):
     assert {"train/loss", "train/acc", "val/acc", "test/acc", "test/acc_ci95", "test/episodes"} <= logged
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_a_finished_run_ends_its_process_group(subcommand, data_env, tmp_path):
+    """Gloo threads left at interpreter exit can abort a DDP run that has finished (SIGABRT); each subcommand ends
+    the process group once it has returned."""
+    import torch.distributed as dist
+
+    args = small_run_args(tmp_path, steps=2)
+    if subcommand != "fit":
+        fewshot.main(["fit", *args])
+        args.append("--ckpt_path=last")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        fewshot.main([subcommand, *args])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_second_fit_into_the_same_dirpath_is_what_best_and_last_find(data_env, tmp_path):
     """A re-run replaces last.ckpt (no last-v1.ckpt), so `--ckpt_path best|last` never picks the previous run's."""
     fewshot.main(["fit", *small_run_args(tmp_path, steps=4)])
