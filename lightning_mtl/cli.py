@@ -112,7 +112,7 @@ class RecipeCLI(LightningCLI):
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
 
-    # a subcommand that returns has succeeded on every rank: end the process group (see end_distributed)
+    # these hooks run only when the subcommand has returned on this rank: end the process group (see end_distributed)
     def after_fit(self) -> None:
         end_distributed()
 

@@ -134,9 +134,9 @@ class Reptile(EpisodicModule):
     def inner_adam_state(self) -> dict[str, dict[str, Tensor]] | None:
         """The carried inner Adam state keyed like ``self.net.named_parameters()`` (views of the buffers), or
         ``None`` with ``inner_state="fresh"``."""
-        if self.hparams.inner_state != "carried" or self.hparams.inner_optimizer != "adam":
-            return None
         buffers = dict(self.inner_adam.named_buffers())
+        if not buffers:  # registered only for a carried Adam state
+            return None
         return {
             name: {"step": buffers["step"], "exp_avg": buffers[f"{name.replace('.', '__')}__exp_avg"],
                    "exp_avg_sq": buffers[f"{name.replace('.', '__')}__exp_avg_sq"]}
@@ -236,9 +236,12 @@ class Reptile(EpisodicModule):
         # tasks run one after the other; with a carried inner state each starts from the state the previous left
         phis, losses, accs = zip(*(self.adapt(x[i], y[i], hp.inner_steps, hp.inner_lr, hp.inner_batch_size, True)
                                    for i in range(b)), strict=True)
-        if self._trainer is not None and self.inner_adam_state() is not None:
-            for buffer in self.inner_adam.buffers():  # every rank continues from the same (rank-averaged) state
-                buffer.copy_(self.trainer.strategy.reduce(buffer, reduce_op="mean"))
+        buffers = list(self.inner_adam.buffers())
+        if buffers and self._trainer is not None and self.trainer.world_size > 1:
+            # every rank continues from the same, rank-averaged state: one all-reduce for all the buffers
+            flat = self.trainer.strategy.reduce(torch.cat([b.flatten() for b in buffers]), reduce_op="mean")
+            for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                buffer.copy_(mean.view_as(buffer))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for name, p in self.net.named_parameters():
             mean_phi = sum(phi[name] for phi in phis) / b
