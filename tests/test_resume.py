@@ -3,7 +3,7 @@ uninterrupted run, in one process and under 2-process DDP (weights, optimizer, s
 data position, logged metrics); a kill during a checkpoint write never leaves a truncated ``last.ckpt``.
 
 Each resume test starts the uninterrupted run and the run to kill side by side (real processes, real data, dataloader
-workers), kills the second at a seeded random delay after its first ``last.ckpt``, resumes it, and compares.
+workers), kills the second at a seeded random point after its second ``last.ckpt``, resumes it, and compares.
 """
 
 from __future__ import annotations
@@ -67,16 +67,32 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     assert proc.wait(timeout=timeout) == 0, log.read_text()[-6000:]
 
 
-def _kill_after_first_checkpoint(proc: subprocess.Popen, last: Path, delay: float, log: Path) -> None:
-    """SIGKILL ``proc`` ``delay`` seconds after ``last`` first appears (the kill lands at whatever it is doing)."""
+def _kill_at_a_random_point(proc: subprocess.Popen, last: Path, fraction: float, log: Path) -> None:
+    """SIGKILL ``proc`` ``fraction`` of a checkpoint interval after its second ``last.ckpt`` (the kill lands at
+    whatever it is doing). The interval is the time the run itself took from its first ``last.ckpt`` to its second,
+    so the kill lands between the second checkpoint and the final one on a fast machine and a slow one alike (a fixed
+    delay in seconds let a fast CI machine reach the final checkpoint first)."""
     deadline = time.monotonic() + 300
-    while not last.exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint:\n" + log.read_text()[-6000:]
-        assert time.monotonic() < deadline, "no checkpoint after 300 s:\n" + log.read_text()[-6000:]
-        time.sleep(0.05)
-    time.sleep(delay)
+
+    def next_version(after: tuple | None) -> tuple:
+        while True:
+            assert proc.poll() is None, "the run ended before its second checkpoint:\n" + log.read_text()[-6000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s:\n" + log.read_text()[-6000:]
+            try:
+                st = last.stat()  # each save replaces the file (a new inode): AtomicCheckpointIO
+                version = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if version != after:
+                    return version
+            except FileNotFoundError:
+                pass
+            time.sleep(0.005)
+
+    first = next_version(None)
+    t_first = time.monotonic()
+    next_version(first)
+    time.sleep(fraction * (time.monotonic() - t_first))
     _kill_group(proc)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before the kill; lower the delay"
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before the kill"
 
 
 def _rows(logs: Path) -> dict[int, list[dict[str, str]]]:
@@ -136,10 +152,10 @@ def check_exact_resume(recipe: str, args: list[str], tmp_path: Path, env: dict, 
     full_proc = _launch(recipe, args + _common(full), env, full / "out.log")
     killed_proc = _launch(recipe, args + _common(killed), env, killed / "out.log")
     try:
-        _kill_after_first_checkpoint(killed_proc, killed / "ckpt" / "last.ckpt", random.Random(seed).uniform(0, 2),
-                                     killed / "out.log")
+        _kill_at_a_random_point(killed_proc, killed / "ckpt" / "last.ckpt", random.Random(seed).random(),
+                                killed / "out.log")
         resumed_from = torch.load(killed / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-        assert EVERY <= resumed_from < STEPS
+        assert 2 * EVERY <= resumed_from < STEPS
         resume_args = args + _common(killed) + [f"--trainer.logger.save_dir={tmp_path}/resumed_logs",
                                                 "--ckpt_path=last"]
         resumed_proc = _launch(recipe, resume_args, env, tmp_path / "resumed.log")
