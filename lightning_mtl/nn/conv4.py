@@ -5,6 +5,10 @@ Each block runs max-pool before ReLU: ReLU is monotone, so ``relu(max_pool(x)) =
 their gradients agree too (both send the gradient to the window's arg-max, and both give zero when the window's
 maximum is <= 0), while ReLU and its backward touch a quarter of the elements. The parameter names are the usual
 ones (``features.{0,4,8,12}`` convolutions, ``features.{1,5,9,13}`` BatchNorms).
+
+The BatchNorms normalise a channels-last map as the ``(N*H*W, C)`` matrix it is in memory (:class:`BatchNorm2d`):
+the same statistics and results, but PyTorch's kernels reduce that matrix much faster than the 4-D channels-last
+tensor, most of all in the double backward that second-order MAML differentiates through (2x on CPU).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class Conv4(nn.Module):
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             blocks += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-                nn.BatchNorm2d(c_out, track_running_stats=track_running_stats),
+                BatchNorm2d(c_out, track_running_stats=track_running_stats),
                 nn.MaxPool2d(2),
                 nn.ReLU(inplace=True),
             ]
@@ -65,3 +69,27 @@ def _channels_last(x: Tensor) -> Tensor:
     if x.dim() == 4 and x.shape[1] == 1 and x.stride(1) != 1:
         return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` that normalises a channels-last input as the ``(N*H*W, C)`` matrix it is in
+    memory (a view, no copy), and returns a channels-last output.
+
+    Per-channel statistics over ``(N, H, W)`` are the rows' statistics of that matrix, so the results, the running
+    statistics and the gradients are those of ``nn.BatchNorm2d`` (up to the order of floating-point sums). PyTorch
+    reduces the 4-D channels-last tensor one dimension at a time (``sum(0)``, then ``sum(3)``, ``sum(2)``) in
+    BatchNorm's double backward, which second-order MAML runs every inner step; on the matrix each sum is one
+    contiguous reduction, about 2x faster for the whole second-order BatchNorm on CPU, in fp32 and bf16. NCHW inputs
+    take ``nn.BatchNorm2d``'s own path. Parameters, buffers and their names are ``nn.BatchNorm2d``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        return super().forward(x.permute(0, 2, 3, 1).reshape(n * h * w, c)).view(n, h, w, c).permute(0, 3, 1, 2)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        pass  # ``forward`` checks the 4-D input; the parent then sees it or its 2-D matrix view

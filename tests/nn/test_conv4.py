@@ -1,5 +1,6 @@
 """Conv-4: the fast layout computes exactly the textbook block (conv, BatchNorm, ReLU, max-pool), keeps every block
-channels-last (also for one-channel images), and keeps the parameter names of saved checkpoints."""
+channels-last (also for one-channel images), and keeps the parameter names of saved checkpoints; its BatchNorm (a
+channels-last map normalised as its ``(N*H*W, C)`` matrix) is ``nn.BatchNorm2d`` to second order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_mtl.nn import Conv4
+from lightning_mtl.nn.conv4 import BatchNorm2d
 
 
 def textbook(model: Conv4) -> nn.Sequential:
@@ -79,3 +81,66 @@ def test_parameter_names_are_those_of_saved_checkpoints():
         assert {f"features.{conv}.weight", f"features.{conv}.bias", f"features.{bn}.weight",
                 f"features.{bn}.running_mean"} <= names
     assert len(names) == 4 * 2 + 4 * 5  # conv weight/bias; BN weight, bias, running mean/var, num_batches_tracked
+
+
+def _second_order(bn: nn.Module, x: torch.Tensor, seed: int = 1) -> list[torch.Tensor]:
+    """Output, first-order gradients (input, weight, bias) and the gradients of a function of those, as MAML's
+    second-order meta-gradient differentiates through BatchNorm's backward."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.detach().requires_grad_()
+    out = bn(x)
+    r = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    inner = (out * r).sum() + (out ** 3).sum() * 0.1
+    grads = torch.autograd.grad(inner, [x, bn.weight, bn.bias], create_graph=True)
+    outer = sum((gr * torch.randn(gr.shape, generator=g, dtype=gr.dtype)).sum() for gr in grads)
+    return [out, *grads, *torch.autograd.grad(outer, [x, bn.weight, bn.bias])]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_equals_torch_batchnorm_to_second_order(channels_last, momentum):
+    torch.manual_seed(0)
+    ours, reference = BatchNorm2d(5, momentum=momentum).double(), nn.BatchNorm2d(5, momentum=momentum).double()
+    with torch.no_grad():
+        ours.weight.uniform_(-1, 1)
+        ours.bias.uniform_(-0.5, 0.5)
+    reference.load_state_dict(ours.state_dict())
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):  # training: batch statistics, running statistics updated each step
+        x = (torch.randn(4, 5, 6, 7, dtype=torch.double) * 3 + 1).contiguous(memory_format=layout)
+        got = _second_order(ours, x, step)
+        for a, b in zip(got, _second_order(reference, x, step), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert got[0].is_contiguous(memory_format=layout)  # the output keeps the input's layout
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, rtol=1e-12, atol=0, msg=name)
+    ours.eval()
+    reference.eval()  # evaluation: running statistics
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_without_running_statistics_and_second_derivatives_match_finite_differences():
+    torch.manual_seed(0)
+    bn = BatchNorm2d(3, track_running_stats=False).double()
+    x = torch.randn(3, 3, 4, 5, dtype=torch.double).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.testing.assert_close(bn(x), nn.BatchNorm2d(3, track_running_stats=False).double()(x))
+    assert torch.autograd.gradgradcheck(lambda inp: bn(inp), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_batchnorm_rejects_a_non_4d_input_like_torch():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        BatchNorm2d(3)(torch.randn(8, 3))
+
+
+def test_batchnorm_normalises_a_channels_last_map_as_a_matrix_view(monkeypatch):
+    """The fast path runs (one 2-D batch_norm on a view of the input's memory); NCHW keeps torch's 4-D path."""
+    seen = []
+    batch_norm = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda inp, *args, **kwargs: seen.append((inp.dim(), inp.data_ptr())) or batch_norm(
+                            inp, *args, **kwargs))
+    x = torch.randn(4, 5, 6, 7)
+    BatchNorm2d(5)(x)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    BatchNorm2d(5)(x_cl)
+    assert seen == [(4, x.data_ptr()), (2, x_cl.data_ptr())]
