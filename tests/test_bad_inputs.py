@@ -17,6 +17,7 @@ beyond one step.
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import importlib.util
 import io
@@ -28,7 +29,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -58,8 +59,11 @@ from lightning_mtl.datamodules.l2l_tasks import episode_from_task
 from lightning_mtl.datamodules.multimnist import IDXError, read_mnist
 from lightning_mtl.datamodules.multitask import MultiTargetDataset, MultiTaskDataModule, TaskSplits
 from lightning_mtl.meta import MAML, MatchingNetwork, ProtoNet, SiameseNetwork
-from lightning_mtl.mtl import MultiTaskModule
+from lightning_mtl.mtl import MultiTaskModule, SoftSharing
 from lightning_mtl.mtl.balancing import create_balancer, list_balancers
+from lightning_mtl.mtl.balancing.fixed import FixedWeighting
+from lightning_mtl.mtl.tasks import ClassificationTask
+from lightning_mtl.mtl.tasks.segmentation import SegmentationTask
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -176,8 +180,8 @@ TASKS = {"a": 3, "b": 2}
 def mtl_model(**kw) -> MultiTaskModule:
     torch.manual_seed(0)
     kw = {"backbone": nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.Tanh()), "input_shape": (6,),
-          "diagnostics_every": 0, **kw}
-    return MultiTaskModule(dict(TASKS), **kw)
+          "diagnostics_every": 0, "num_classes": dict(TASKS), **kw}
+    return MultiTaskModule(**kw)
 
 
 def mtl_batch(x: torch.Tensor | None = None, **targets: torch.Tensor) -> MultiTaskBatch:
@@ -196,12 +200,11 @@ def fit(model: L.LightningModule, batch: object, **kw) -> L.Trainer:
     return trainer
 
 
-class InfiniteLoss(MultiTaskModule):
+class InfiniteLoss(ClassificationTask):
     """Cross-entropy plus infinity: every task loss is +inf."""
 
-    def build_task(self, name, num_classes, feature_dim):
-        spec = super().build_task(name, num_classes, feature_dim)
-        return replace(spec, loss=lambda out, y: F.cross_entropy(out, y) + math.inf)
+    def loss(self, output, target):
+        return F.cross_entropy(output, target) + math.inf
 
 
 def episode(ways: int = 2, shots: int = 1, queries: int = 1, size: int = 28) -> Episode:
@@ -508,51 +511,64 @@ CASES = [
          "the 20 drawings per character (they give (18, 4, -2))."),
     # ---- the multi-task model: configuration
     Case("unknown_balancer", lambda tmp: mtl_model(balancer="pcgard"), ValueError,
-         "unknown balancing method 'pcgard'; valid names: {balancers}"),
+         "unknown balancing method 'pcgard'; valid names: {balancers} (or the class path of a LossWeighting or "
+         "GradientAggregator subclass)"),
     Case("balancer_argument_typo", lambda tmp: create_balancer("dwa", ["a", "b"], temp=2.0), TypeError,
          "invalid arguments for balancing method 'dwa' (DWA): DWA.__init__() got an unexpected keyword argument "
          "'temp'; its arguments are: temperature, period."),
-    Case("fixed_weights_wrong_length", lambda tmp: mtl_model(balancer="fixed", balancer_args={"weights": [1.0]}),
-         ValueError,
-         "fixed weighting expected 2 weights (one per task ['a', 'b']), got 1; give balancer_args.weights one weight "
+    Case("fixed_weights_wrong_length",
+         lambda tmp: mtl_model(balancer=functools.partial(FixedWeighting, weights=[1.0])), ValueError,
+         "fixed weighting expected 2 weights (one per task ['a', 'b']), got 1; give the balancer's weights one weight "
          "per task, in task order."),
     Case("unknown_aggregation_level", lambda tmp: mtl_model(balancer="mgda", level="features"), ValueError,
          "level must be one of ('parameter', 'representation'), got 'features'"),
-    Case("soft_sharing_with_gradient_aggregator", lambda tmp: mtl_model(balancer="pcgrad", architecture="soft"),
-         ValueError,
-         "gradient aggregation ('pcgrad') needs shared parameters; soft sharing has none. Use a loss weighting "
-         "({weightings}) or hard sharing."),
-    Case("no_tasks", lambda tmp: MultiTaskModule({}), ValueError,
-         "num_classes must name at least one task (or be None to take the datamodule's)"),
-    Case("one_class_task", lambda tmp: MultiTaskModule({"a": 3, "b": 1}, backbone=nn.Flatten(), input_shape=(6,)),
-         ValueError,
-         "task 'b' has num_classes=1; a classification task needs at least 2 classes: fix num_classes['b'] (or "
-         "override build_task for other kinds of task)."),
+    Case("soft_sharing_with_gradient_aggregator", lambda tmp: mtl_model(
+        balancer="pcgrad", backbone=None, architecture=lambda tasks: SoftSharing(tasks, nn.Flatten())), ValueError,
+         "gradient aggregation (PCGrad) acts on shared parameters, and SoftSharing has none; use a loss weighting "
+         "(e.g. balancer: equal, uncertainty, dwa, famo) or an architecture with shared parameters."),
+    Case("architecture_and_backbone",
+         lambda tmp: mtl_model(architecture=lambda tasks: SoftSharing(tasks, nn.Flatten())), ValueError,
+         "give model architecture or backbone (a shortcut for HardSharing(backbone)), not both: pass the backbone "
+         "inside the architecture's init_args."),
+    Case("tasks_and_num_classes", lambda tmp: MultiTaskModule(tasks={"a": ClassificationTask(2)}, num_classes={"a": 2}),
+         ValueError, "give model tasks or num_classes (a shortcut for classification tasks), not both"),
+    Case("dense_task_on_vector_representation", lambda tmp: mtl_model(num_classes=None, tasks={
+        "a": ClassificationTask(3), "seg": SegmentationTask(4)}), ValueError,
+         "task 'seg' (SegmentationTask) cannot read the representation of shape (8,) that HardSharing gives it: "
+         "SegmentationTask is a dense task: it needs a (C, H, W) representation, got (8,). Use a backbone or "
+         "architecture whose output is a feature map (one that does not pool and flatten, e.g. a SegNet or ResNet "
+         "encoder without its classifier)."),
+    Case("no_tasks", lambda tmp: MultiTaskModule(num_classes={}), ValueError,
+         "tasks / num_classes must name at least one task (or be null to take the datamodule's)"),
+    Case("one_class_task", lambda tmp: MultiTaskModule(num_classes={"a": 3, "b": 1}, backbone=nn.Flatten(),
+                                                       input_shape=(6,)), ValueError,
+         "a classification task needs at least 2 classes, got num_classes=1"),
     Case("backbone_rejects_input_shape", lambda tmp: mtl_model(input_shape=(1, 28, 28)), ValueError,
-         "the backbone cannot take an input of input_shape=(1, 28, 28) (mat1 and mat2 shapes cannot be multiplied "
-         "(1x784 and 6x8)); set model input_shape to the shape of one input, e.g. (C, H, W) for images."),
-    Case("tasks_from_missing_datamodule", lambda tmp: fit(MultiTaskModule(None), mtl_batch()), ValueError,
-         "MultiTaskModule(num_classes=None) takes its tasks from the datamodule's `num_classes`, but no datamodule "
-         "was given; pass model num_classes explicitly."),
+         "HardSharing cannot take an input of input_shape=(1, 28, 28) (mat1 and mat2 shapes cannot be multiplied "
+         "(2x784 and 6x8)); set model input_shape to the shape of one input, e.g. (C, H, W) for images."),
+    Case("tasks_from_missing_datamodule", lambda tmp: fit(MultiTaskModule(), mtl_batch()), ValueError,
+         "MultiTaskModule(tasks=None, num_classes=None) takes its tasks from the datamodule's `build_tasks()` or "
+         "`num_classes`, but no datamodule was given; pass model tasks or num_classes."),
     # ---- the multi-task model: batches (checked on the first batch, before any update)
     Case("batch_not_a_multitask_batch", lambda tmp: fit(mtl_model(), {"x": torch.zeros(4, 6)}), TypeError,
          "expected a MultiTaskBatch, got dict; yield lightning_mtl.MultiTaskBatch(x, targets) from the datamodule."),
     Case("batch_tasks_not_the_heads", lambda tmp: fit(mtl_model(), MultiTaskBatch(torch.zeros(4, 6), {
         "a": torch.zeros(4, dtype=torch.long), "left": torch.zeros(4, dtype=torch.long)})), ValueError,
-         "batch tasks ['a', 'left'] do not match the model's heads ['a', 'b']; make the datamodule's task names "
-         "match num_classes."),
+         "batch tasks ['a', 'left'] do not match the model's tasks ['a', 'b']; make the datamodule's task names "
+         "match the model's."),
     Case("target_out_of_range", lambda tmp: fit(mtl_model(), mtl_batch(b=torch.tensor([0, 1, 2, 1]))), ValueError,
          "task 'b': target 2 is out of the head's range 0..1; fix num_classes['b'] or the labels."),
     Case("backbone_output_does_not_fit_heads", lambda tmp: fit(mtl_model(backbone=nn.Flatten()),
                                                                 mtl_batch(torch.zeros(4, 2, 6))), ValueError,
-         "the backbone gives 12 features for inputs of shape (2, 6) but the heads were sized for 6 from "
-         "input_shape=(6,); set model input_shape to the shape of one input."),
+         "HardSharing gives task 'a' a representation of shape (12,) for inputs of shape (2, 6), but its head was "
+         "sized for (6,) from input_shape=(6,); set model input_shape to the shape of one input."),
     Case("nan_loss_raise", lambda tmp: fit(mtl_model(nonfinite_loss="raise"), mtl_batch(torch.full((4, 6), math.nan))),
          FloatingPointError,
          "step 0: non-finite loss for task(s) ['a', 'b'] ([nan, nan]); stopping (nonfinite_loss='raise'). Lower the "
          "learning rate or check the data of these tasks."),
-    Case("inf_loss_raise", lambda tmp: fit(InfiniteLoss(dict(TASKS), backbone=nn.Flatten(), input_shape=(6,),
-                                                        nonfinite_loss="raise"), mtl_batch()), FloatingPointError,
+    Case("inf_loss_raise", lambda tmp: fit(MultiTaskModule(
+        tasks={t: InfiniteLoss(c) for t, c in TASKS.items()}, backbone=nn.Flatten(), input_shape=(6,),
+        nonfinite_loss="raise"), mtl_batch()), FloatingPointError,
          "step 0: non-finite loss for task(s) ['a', 'b'] ([inf, inf]); stopping (nonfinite_loss='raise'). Lower the "
          "learning rate or check the data of these tasks."),
     # ---- meta-learners
@@ -703,7 +719,8 @@ def test_ckpt_best_before_fit_fails_before_data(tmp_path: Path, monkeypatch):
 
 
 @pytest.mark.parametrize("make", [ProtoNet, lambda: SiameseNetwork(image_shape=(1, 28, 28)),
-                                  lambda: MultiTaskModule({"a": 2, "b": 2})], ids=["protonet", "siamese", "mtl"])
+                                  lambda: MultiTaskModule(num_classes={"a": 2, "b": 2})],
+                         ids=["protonet", "siamese", "mtl"])
 def test_true_precision_takes_uint8_images(make):
     """``precision="bf16-true"`` (weights in bfloat16) with the datamodules' uint8 images: the images are converted to
     the model's dtype, not to float32 (which failed in the first step with a bare dtype error)."""

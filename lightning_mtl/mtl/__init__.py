@@ -1,8 +1,9 @@
-"""Multi-task learning: shared models, balancing methods and diagnostics."""
+"""Multi-task learning: architectures, tasks, balancing methods, the model that wires them, and diagnostics."""
 
-from lightning_mtl.mtl.architectures import HardSharing, SoftSharing
+from lightning_mtl.mtl.architectures import Architecture, HardSharing, SoftSharing
 from lightning_mtl.mtl.diagnostics import gradient_diagnostics
 from lightning_mtl.mtl.module import MultiTaskModule
-from lightning_mtl.mtl.tasks import TaskSpec, classification_task
+from lightning_mtl.mtl.tasks import ClassificationTask, Task
 
-__all__ = ["HardSharing", "MultiTaskModule", "SoftSharing", "TaskSpec", "classification_task", "gradient_diagnostics"]
+__all__ = ["Architecture", "ClassificationTask", "HardSharing", "MultiTaskModule", "SoftSharing", "Task",
+           "gradient_diagnostics"]

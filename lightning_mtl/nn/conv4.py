@@ -57,6 +57,12 @@ class Conv4(nn.Module):
             x = _channels_last(x)  # the convolutions then keep the layout, whatever the weights' strides
         return self.features(x).flatten(1)  # (N, out_channels * h * w)
 
+    def stages(self) -> list[nn.Sequential]:
+        """The four blocks, each ``[conv, BatchNorm, max-pool, ReLU]``, as the stages multi-task architectures
+        interleave with (cross-stitch units, MTAN attention). They share this module's parameters; their outputs are
+        feature maps (no flattening) and the input is not converted to channels-last."""
+        return [self.features[i: i + 4] for i in range(0, len(self.features), 4)]
+
 
 def _channels_last(x: Tensor) -> Tensor:
     """``x`` with channels-last strides, also when it has one channel.

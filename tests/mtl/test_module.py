@@ -14,11 +14,11 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_mtl import MultiTaskBatch
-from lightning_mtl.mtl import MultiTaskModule, SoftSharing
+from lightning_mtl.mtl import ClassificationTask, MultiTaskModule, SoftSharing
 from lightning_mtl.mtl.balancing import GradientAggregator, create_balancer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy import TASKS, global_batches, make_model  # noqa: E402
+from toy import TASKS, backbone, global_batches, make_model  # noqa: E402
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
@@ -47,17 +47,19 @@ def reseed(module, args) -> None:
 
 def manual_grads(model: MultiTaskModule, batch: MultiTaskBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per-task gradient matrix on the shared parameters, and the head gradients of the summed loss."""
-    shared = model.model.shared_parameters()
-    heads = model.model.task_parameters()
-    outputs = model.task_outputs(batch)
-    losses = [model.specs[t].loss(outputs[t], batch.targets[t]) for t in TASKS]
+    shared = model.architecture.shared_parameters()
+    heads = list(model.tasks.parameters())
+    outputs = model.task_outputs(batch.x)
+    losses = [model.tasks[t].loss(outputs[t], batch.targets[t]) for t in TASKS]
     rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
     head_grads = torch.autograd.grad(sum(losses), heads)
     return torch.stack(rows), list(head_grads)
 
 
 def params_vector(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.model.parameters()])
+    """The architecture's parameters, then the tasks' (heads)."""
+    params = [*model.architecture.parameters(), *model.tasks.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in params])
 
 
 @pytest.mark.parametrize("balancer,level", [("mean", "parameter"), ("mean", "representation"), ("pcgrad", "parameter"),
@@ -71,13 +73,13 @@ def test_aggregated_update_matches_hand_computation(balancer, level):
     if level == "parameter":
         shared_update = aggregator(matrix)
     else:  # aggregate gradients w.r.t. the representation, then back-propagate once
-        z = reference.model.representation(batch.x)
+        z = reference.architecture(batch.x)["a"]
         leaf = z.detach().requires_grad_()
-        rows = [torch.autograd.grad(reference.specs[t].loss(reference.model.head(t, leaf), batch.targets[t]), leaf)[0]
+        rows = [torch.autograd.grad(reference.tasks[t].loss(reference.tasks[t](leaf), batch.targets[t]), leaf)[0]
                 .reshape(-1) for t in TASKS]
         direction = aggregator(torch.stack(rows)).view_as(z)
         shared_update = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            z, reference.model.shared_parameters(), grad_outputs=direction)])
+            z, reference.architecture.shared_parameters(), grad_outputs=direction)])
     before = params_vector(reference)
     expected = before.clone()
     n_shared = shared_update.numel()
@@ -140,7 +142,7 @@ class Recorder(GradientAggregator):
         super().__init__(tasks)
         self.seen = []
 
-    def forward(self, matrix):
+    def forward(self, matrix, losses=None):
         self.seen.append(matrix.detach().clone())
         return matrix.mean(0)
 
@@ -196,7 +198,7 @@ def test_nonfinite_loss_skip_warns_and_raise_stops():
 def test_bad_batches_are_named():
     good = global_batches(1)[0]
     wrong_tasks = MultiTaskBatch(good.x, {"a": good.targets["a"], "zz": good.targets["b"], "c": good.targets["c"]})
-    with pytest.raises(ValueError, match=r"batch tasks \['a', 'c', 'zz'\] do not match the model's heads"):
+    with pytest.raises(ValueError, match=r"batch tasks \['a', 'c', 'zz'\] do not match the model's tasks"):
         fit(make_model(), [wrong_tasks])
     out_of_range = MultiTaskBatch(good.x, {**good.targets, "b": torch.full((8,), 4)})
     with pytest.raises(ValueError, match=r"task 'b': target 4 is out of the head's range 0..3"):
@@ -206,8 +208,8 @@ def test_bad_batches_are_named():
 def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="unknown balancing method 'pcgard'; valid names: .*pcgrad"):
         make_model("pcgard")
-    with pytest.raises(ValueError, match="needs shared parameters; soft sharing has none"):
-        make_model("pcgrad", architecture="soft")
+    with pytest.raises(ValueError, match="SoftSharing has none; use a loss weighting"):
+        make_model("pcgrad", architecture=lambda tasks: SoftSharing(tasks, backbone()))
     with pytest.raises(ValueError, match="level must be one of"):
         make_model("mgda", level="features")
     with pytest.raises(ValueError, match=r"jacobian must be one of \('auto', 'loop', 'vmap'\), got 'jvp'"):
@@ -226,9 +228,9 @@ def test_vmapped_jacobian_trains_like_the_loop(method):
 
 
 def test_soft_sharing_penalty_is_pairwise_l2():
-    model = make_model("equal", architecture="soft", soft_sharing_weight=0.5)
-    assert isinstance(model.model, SoftSharing)
-    copies = list(model.model.backbones.values())
+    model = make_model("equal", architecture=lambda tasks: SoftSharing(tasks, backbone(), weight=0.5))
+    assert isinstance(model.architecture, SoftSharing)
+    copies = list(model.architecture.backbones.values())
     with torch.no_grad():
         for c in copies:
             for p in c.parameters():
@@ -238,7 +240,7 @@ def test_soft_sharing_penalty_is_pairwise_l2():
         for i in range(len(copies)) for j in range(i + 1, len(copies))
         for pi, pj in zip(copies[i].parameters(), copies[j].parameters(), strict=True)
     )
-    torch.testing.assert_close(model.model.penalty(), 0.5 * expected)
+    torch.testing.assert_close(model.architecture.penalty(), 0.5 * expected)
     fit(model, global_batches(2))
 
 
@@ -297,7 +299,7 @@ def test_heads_sized_under_another_default_device():
     model = MultiTaskModule(None, backbone=torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh()),
                             input_shape=(6,))
     with torch.device("meta"):  # a stand-in for cuda on this CPU-only machine: any other device fails the same way
-        model._build(dict(TASKS))
+        model._build({t: ClassificationTask(c) for t, c in TASKS.items()})
     assert model.task_names == list(TASKS)
 
 

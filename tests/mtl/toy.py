@@ -20,7 +20,9 @@ def make_model(balancer: str = "equal", **kw) -> MultiTaskModule:
     torch.manual_seed(0)
     kw.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
     kw.setdefault("diagnostics_every", 0)
-    return MultiTaskModule(dict(TASKS), backbone=backbone(), input_shape=(IN_DIM,), balancer=balancer, **kw)
+    if "architecture" not in kw:
+        kw["backbone"] = backbone()
+    return MultiTaskModule(num_classes=dict(TASKS), input_shape=(IN_DIM,), balancer=balancer, **kw)
 
 
 def global_batches(steps: int, batch_size: int = 8, seed: int = 0) -> list[MultiTaskBatch]:

@@ -1,35 +1,30 @@
-"""Hard parameter sharing (Caruana, Machine Learning 1997): one shared backbone, one head per task."""
+"""Hard parameter sharing (Caruana, "Multitask Learning", Machine Learning 1997): one backbone shared by every task.
+
+Each task's head (in its :class:`~lightning_mtl.mtl.tasks.Task`) reads the backbone's output; every parameter of the
+backbone is shared. LibMTL calls it HPS.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
+from lightning_mtl.mtl.architectures.base import Architecture
 
-class HardSharing(nn.Module):
-    """Shared ``backbone`` followed by task ``heads``.
+
+class HardSharing(Architecture):
+    """One ``backbone`` pass per input; every task reads the same representation.
 
     Args:
-        backbone: ``(B, ...) -> (B, D)`` shared representation.
-        heads: one module per task, ``(B, D) -> output``.
+        tasks: task names.
+        backbone: ``(B, ...) -> representation`` of any shape, ``(B, D)`` or ``(B, C, H, W)``.
     """
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]) -> None:
-        super().__init__()
+    def __init__(self, tasks: list[str], backbone: nn.Module) -> None:
+        super().__init__(tasks)
         self.backbone = backbone
-        self.heads = nn.ModuleDict(heads)
 
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters whose gradients the tasks compete for."""
-        return [p for p in self.backbone.parameters() if p.requires_grad]
-
-    def task_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.heads.parameters() if p.requires_grad]
-
-    def representation(self, x: Tensor, task: str | None = None) -> Tensor:
-        return self.backbone(x).flatten(1)  # (B, D), the same for every task
-
-    def head(self, task: str, z: Tensor) -> Tensor:
-        return self.heads[task](z)
-
-    def penalty(self) -> Tensor | None:
-        return None
+    def represent(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+        z = self.backbone(x)  # computed once, read by every task
+        return dict.fromkeys(tasks, z)

@@ -1,24 +1,28 @@
-"""Balancing methods against negative transfer, chosen by name.
+"""Balancing methods against negative transfer: loss weightings and gradient aggregators.
 
-Importing this package registers every method: loss weightings (``equal``, ``fixed``, ``uncertainty``, ``dwa``,
-``gradnorm``, ``rlw``, ``famo``) and gradient aggregators (``mean``, ``pcgrad``, ``mgda``, ``cagrad``, ``nash_mtl``,
-``imtl_g``, ``aligned_mtl``, ``upgrad``, ``graddrop``, ``gradvac``).
+Each method is one file in this package, registered under a short name with
+:func:`~lightning_mtl.mtl.balancing.register_balancer`; importing the package imports every file in it, so a new
+method is one new file. ``list_balancers()`` names them all; the model also takes any class path (a user's own
+method outside the package included).
 """
 
-from lightning_mtl.mtl.balancing import (  # noqa: F401  (imported to register the methods)
-    aggregators,
-    dwa,
-    equal,
-    famo,
-    fixed,
-    gradnorm,
-    rlw,
-    surgery,
-    uncertainty,
+import importlib
+import pkgutil
+
+from lightning_mtl.mtl.balancing.base import Balancer, BalancerCallable, GradientAggregator, LossWeighting
+from lightning_mtl.mtl.balancing.registry import (
+    balancer_class,
+    create_balancer,
+    list_balancers,
+    register_balancer,
+    resolve_balancer,
 )
-from lightning_mtl.mtl.balancing.base import GradientAggregator, LossWeighting
-from lightning_mtl.mtl.balancing.registry import balancer_class, create_balancer, list_balancers, register_balancer
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")  # registers the methods the file defines
 
 __all__ = [
-    "GradientAggregator", "LossWeighting", "balancer_class", "create_balancer", "list_balancers", "register_balancer",
+    "Balancer", "BalancerCallable", "GradientAggregator", "LossWeighting", "balancer_class", "create_balancer",
+    "list_balancers", "register_balancer", "resolve_balancer",
 ]

@@ -1,4 +1,4 @@
-"""The two kinds of balancing methods a :class:`~lightning_mtl.mtl.MultiTaskModule` can hold.
+"""The two kinds of balancing methods a :class:`~lightning_mtl.mtl.MultiTaskModule` can hold, both a :class:`Balancer`.
 
 * :class:`LossWeighting` maps the per-task losses to one scalar loss (one backward pass).
 * :class:`GradientAggregator` maps a ``(tasks, dims)`` matrix of per-task gradients to one ``(dims,)`` update
@@ -8,10 +8,13 @@ Both are ``nn.Module`` s so that learnable parameters (uncertainty weighting's l
 history, FAMO's logits) live in the module's ``state_dict`` and therefore in checkpoints. Every method is one file
 under ``lightning_mtl/mtl/balancing/`` registered with :func:`~lightning_mtl.mtl.balancing.register_balancer`;
 its constructor takes ``tasks`` (the task names, in the order of the gradient matrix rows) first, then typed
-hyper-parameters with defaults.
+hyper-parameters with defaults. The model is given a registered name (a shortcut) or a class path with ``init_args``
+(:data:`BalancerCallable`), which LightningCLI validates against the constructor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +29,29 @@ def checked_tasks(tasks: list[str]) -> list[str]:
     return list(tasks)
 
 
-class LossWeighting(nn.Module):
+class Balancer(nn.Module):
+    """A balancing method for ``tasks``: the common base of :class:`LossWeighting` and :class:`GradientAggregator`.
+
+    Args:
+        tasks: task names, in the order of the loss vector and the gradient matrix rows.
+
+    Attributes:
+        weights: the ``(tasks,)`` task weights of the last call (detached), for diagnostics; ``None`` when the method
+            does not combine the tasks linearly.
+    """
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        self.tasks = checked_tasks(tasks)
+        self.weights: Tensor | None = None
+
+
+#: What the model is given besides a registered name: called with the task names, it returns the balancer
+#: (LightningCLI builds it from a ``class_path`` whose ``init_args`` are every constructor argument but ``tasks``).
+BalancerCallable = Callable[[list[str]], Balancer]
+
+
+class LossWeighting(Balancer):
     """Per-task losses → one scalar loss.
 
     Args:
@@ -38,11 +63,6 @@ class LossWeighting(nn.Module):
 
     #: whether :meth:`forward` needs ``shared_params`` (e.g. GradNorm differentiates task-gradient norms).
     needs_shared_params: bool = False
-
-    def __init__(self, tasks: list[str]) -> None:
-        super().__init__()
-        self.tasks = checked_tasks(tasks)
-        self.weights: Tensor | None = None
 
     def forward(self, losses: dict[str, Tensor], shared_params: list[Tensor] | None = None) -> Tensor:
         """The scalar loss to back-propagate."""
@@ -65,8 +85,11 @@ class LossWeighting(nn.Module):
         return torch.stack([losses[task].reshape(()) for task in self.tasks])  # (tasks,)
 
 
-class GradientAggregator(nn.Module):
+class GradientAggregator(Balancer):
     """``(tasks, dims)`` per-task gradient matrix → ``(dims,)`` update direction.
+
+    Methods that also read the task losses (DB-MTL's log-loss gradients, MoCo, STCH-style normalisations) set
+    :attr:`needs_losses`; the model then passes the ``(tasks,)`` losses of the global batch (averaged over ranks).
 
     Args:
         tasks: task names, in the order of the matrix rows.
@@ -76,10 +99,21 @@ class GradientAggregator(nn.Module):
             ``None`` otherwise.
     """
 
-    def __init__(self, tasks: list[str]) -> None:
-        super().__init__()
-        self.tasks = checked_tasks(tasks)
-        self.weights: Tensor | None = None
+    #: whether :meth:`forward` needs the ``(tasks,)`` losses.
+    needs_losses: bool = False
 
-    def forward(self, matrix: Tensor) -> Tensor:
+    def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The ``(dims,)`` update direction of the ``(tasks, dims)`` matrix (and, if :attr:`needs_losses`, the
+        ``(tasks,)`` losses)."""
         raise NotImplementedError
+
+    def after_step(self, losses: dict[str, Tensor]) -> None:
+        """Called after the optimizer step with the detached losses of that step (history-based methods)."""
+
+    def _check_matrix(self, matrix: Tensor) -> None:
+        """A clear error if ``matrix`` is not ``(tasks, dims)``."""
+        if matrix.ndim != 2 or matrix.shape[0] != len(self.tasks):
+            raise ValueError(
+                f"expected a (tasks={len(self.tasks)}, dims) matrix, one row per task {self.tasks}; "
+                f"got shape {tuple(matrix.shape)}"
+            )

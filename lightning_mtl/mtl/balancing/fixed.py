@@ -27,7 +27,7 @@ class FixedWeighting(LossWeighting):
         if len(weights) != len(self.tasks):
             raise ValueError(
                 f"fixed weighting expected {len(self.tasks)} weights (one per task {self.tasks}), got {len(weights)}; "
-                f"give balancer_args.weights one weight per task, in task order."
+                f"give the balancer's weights one weight per task, in task order."
             )
         # Non-persistent: the weights are a hyper-parameter (saved with the module's hparams), not training state.
         self.register_buffer("fixed_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)

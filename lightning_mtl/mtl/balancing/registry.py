@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
-from lightning_mtl.mtl.balancing.base import GradientAggregator, LossWeighting
+from lightning_mtl.mtl.balancing.base import Balancer, GradientAggregator, LossWeighting
 
 _REGISTRY: dict[str, type[LossWeighting] | type[GradientAggregator]] = {}
 
@@ -34,9 +35,24 @@ def list_balancers(kind: str | None = None) -> list[str]:
 
 
 def balancer_class(name: str) -> type[LossWeighting] | type[GradientAggregator]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown balancing method {name!r}; valid names: {', '.join(list_balancers())}")
-    return _REGISTRY[name]
+    """The class registered as ``name``, or the class at the dotted path ``name`` (``my_module.MyWeighting``).
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones) or a path that names no balancer class.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    module, _, attr = name.rpartition(".")
+    cls = None
+    if module:
+        try:
+            cls = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            cls = None
+    if isinstance(cls, type) and issubclass(cls, (LossWeighting, GradientAggregator)):
+        return cls
+    raise ValueError(f"unknown balancing method {name!r}; valid names: {', '.join(list_balancers())} (or the class "
+                     f"path of a LossWeighting or GradientAggregator subclass)")
 
 
 def create_balancer(name: str, tasks: list[str], **kwargs: Any) -> LossWeighting | GradientAggregator:
@@ -48,3 +64,22 @@ def create_balancer(name: str, tasks: list[str], **kwargs: Any) -> LossWeighting
         valid = [p for p in inspect.signature(cls).parameters if p != "tasks"]
         raise TypeError(f"invalid arguments for balancing method {name!r} ({cls.__name__}): {e}; its arguments are: "
                         f"{', '.join(valid) or 'none'}.") from e
+
+
+def resolve_balancer(
+    spec: str | Callable[[list[str]], Balancer], tasks: list[str]
+) -> LossWeighting | GradientAggregator:
+    """The balancer for ``tasks`` from a registered name, a class path, or a callable taking the task names (what
+    LightningCLI builds from ``class_path`` + ``init_args``).
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: the callable does not return a :class:`LossWeighting` or :class:`GradientAggregator`.
+    """
+    if isinstance(spec, str):
+        return create_balancer(spec, tasks) if spec in _REGISTRY else balancer_class(spec)(list(tasks))
+    balancer = spec(list(tasks))
+    if not isinstance(balancer, (LossWeighting, GradientAggregator)):
+        raise TypeError(f"balancer must be a LossWeighting or GradientAggregator; {spec!r} gave "
+                        f"{type(balancer).__name__}")
+    return balancer

@@ -71,8 +71,8 @@ class GradVac(TorchJDAggregator):
         # puts them in every state_dict, so checkpoints from before and after that call load into a new instance.
         self.aggregator.gramian_weighting._ensure_state(len(self.tasks), torch.float32)
 
-    def forward(self, matrix: Tensor) -> Tensor:
+    def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
         state = self.aggregator.gramian_weighting
         # torchjd runs this loop on the CPU in the dtype of its state: undo moves of this module (.cuda(), .half()).
         state._phi_t = state._phi_t.to(device="cpu", dtype=state._state_key[1])
-        return super().forward(matrix)
+        return super().forward(matrix, losses)

@@ -49,17 +49,14 @@ class TorchJDAggregator(GradientAggregator):
     def _record_weights(self, module: nn.Module, args: tuple, weights: Tensor) -> None:
         self.weights = weights.detach()
 
-    def forward(self, matrix: Tensor) -> Tensor:
-        """The aggregated ``(dims,)`` update direction of the ``(tasks, dims)`` matrix of task gradients.
+    def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The aggregated ``(dims,)`` update direction of the ``(tasks, dims)`` matrix of task gradients (``losses``
+        is not read).
 
         Raises:
             ValueError: if ``matrix`` is not a matrix with one row per task.
         """
-        if matrix.ndim != 2 or matrix.shape[0] != len(self.tasks):
-            raise ValueError(
-                f"expected a (tasks={len(self.tasks)}, dims) matrix, one row per task {self.tasks}; "
-                f"got shape {tuple(matrix.shape)}"
-            )
+        self._check_matrix(matrix)
         dtype = torch.promote_types(matrix.dtype, torch.float32)
         for name in self._vectors:
             setattr(self.aggregator, name, getattr(self, name).to(device=matrix.device, dtype=dtype))
