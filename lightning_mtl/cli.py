@@ -127,7 +127,11 @@ class RecipeCLI(LightningCLI):
         end_distributed()
 
     def _write_test_metrics(self, out: Path) -> None:
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics: dict = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        directions = getattr(self.model, "directions", None)  # {task: {metric: higher_is_better}} (multi-task)
+        if isinstance(directions, dict):  # recipes/delta_m.py reads them instead of guessing
+            metrics["higher_is_better"] = {f"{t}/{m}": bool(h) for t, d in directions.items() for m, h in d.items()
+                                           if f"test/{t}/{m}" in metrics}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         rank_zero_info(f"test metrics written to {out}")

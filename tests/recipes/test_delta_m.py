@@ -100,3 +100,32 @@ def test_cli_errors(tmp_path):
         dm.main(["--baseline", str(base), str(run), "--metric", "f1"])
     with pytest.raises(SystemExit, match="no metrics file"):
         dm.main(["--baseline", str(tmp_path / "missing.csv"), str(run)])
+
+
+def test_averaging_over_metrics_or_over_tasks():
+    # depth has two metrics: abs err 0.50 -> 0.40 (+0.20), rel err 0.20 -> 0.22 (-0.10); seg mIoU 0.40 -> 0.44 (+0.10)
+    base = {"seg/miou": 0.40, "depth/abs_err": 0.50, "depth/rel_err": 0.20}
+    method = {"seg/miou": 0.44, "depth/abs_err": 0.40, "depth/rel_err": 0.22}
+    directions = {"seg/miou": True, "depth/abs_err": False, "depth/rel_err": False}
+    # each metric once (Nash-MTL): (0.10 + 0.20 - 0.10) / 3 = 6.67%; each task once (LibMTL): (0.10 + 0.05) / 2 = 7.5%
+    assert dm.delta_m(method, base, directions, "metrics") == pytest.approx(100 * 0.20 / 3)
+    assert dm.delta_m(method, base, directions, "tasks") == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="average must be 'metrics' or 'tasks'"):
+        dm.delta_m(method, base, directions, "mean")
+
+
+def test_directions_stated_by_the_recipe_are_used(tmp_path):
+    """test_metrics.json carries each metric's direction: no --lower-is-better to remember, and every metric counts."""
+    def run(name: str, seg: float, err: float) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"test/seg/miou": seg, "test/depth/abs_err": err, "test/seg/loss": 1.0,
+                                    "higher_is_better": {"seg/miou": True, "depth/abs_err": False}}))
+        return path
+
+    base, better = run("base", 0.40, 0.50), run("better", 0.44, 0.40)
+    assert dm.read_directions(base) == {"seg/miou": True, "depth/abs_err": False}
+    assert "higher_is_better" not in dm.read_metrics(base)
+    rows = dm.main(["--baseline", str(base), f"m={better}"])
+    assert rows["m"]["delta_m"] == pytest.approx(15.0)  # (+0.10 + 0.20) / 2: the lower error counts as better
+    only_seg = dm.main(["--baseline", str(base), f"m={better}", "--metric", "miou"])
+    assert only_seg["m"]["delta_m"] == pytest.approx(10.0)
