@@ -97,7 +97,11 @@ def _unflatten(flat: Tensor | None, like: list[Tensor]) -> list[Tensor]:
 
 
 def _penalty_grads(penalty: Tensor | None, params: list[Tensor]) -> list[Tensor] | None:
-    return None if penalty is None or not params else G.grads(penalty, params)
+    """The penalty's gradients, averaged over ranks (a penalty read from the batch differs between ranks). The graph
+    is kept: a penalty may share it with the losses (DSelect-k's per-example gates), whose backward comes later."""
+    if penalty is None or not params:
+        return None
+    return G.unflatten(G.all_reduce_(G.flatten(G.grads(penalty, params, retain_graph=True))), params)
 
 
 def _add(grads: list[Tensor], extra: list[Tensor] | None) -> list[Tensor]:
@@ -154,11 +158,11 @@ def parameter_aggregation(
     else:
         G.task_matrix([scale.scale(loss) for loss in inputs.losses], shared, buffer)
     matrix = scale.unscale_(G.all_reduce_(buffer))  # (K, D): true gradients, averaged over ranks
+    extra = _penalty_grads(inputs.penalty, shared + others)
     other_flat = _reduce(G.grads(scale.scale(inputs.losses.sum()), others), scale)
     if not G.all_finite(inputs.global_losses, matrix, other_flat):  # deciding needs a host sync
         return Update(shared + others, matrix=None, finite=False)
     direction = _aggregate(balancer, matrix, inputs.global_losses)
-    extra = _penalty_grads(inputs.penalty, shared + others)
     grads = _add(G.unflatten(direction, shared) + _unflatten(other_flat, others), extra)
     return Update(shared + others, grads, matrix if inputs.diagnose else None)
 
@@ -177,6 +181,7 @@ def representation_aggregation(
     """
     shared, others, scale = inputs.shared, inputs.others, inputs.scale
     matrix = diagnostic_matrix(inputs, (leaves, graphs)) if inputs.diagnose and shared else None
+    extra = _penalty_grads(inputs.penalty, shared + others)
     rows = [G.flatten(G.grads(scale.scale(loss), leaves, retain_graph=True)) for loss in inputs.losses]
     # the gradient of the global-batch mean loss w.r.t. this rank's rows of the representation: local / W
     gathered, offset = G.all_gather_columns(torch.stack(rows) / world_size)
@@ -193,7 +198,6 @@ def representation_aggregation(
     d_z = [scale.scale(d.view_as(z).to(z.dtype)) for d, z in zip(G.unflatten(mine, leaves), leaves, strict=True)]
     back = G.grads(graphs, shared, grad_outputs=d_z)
     shared_flat = scale.unscale_(G.all_reduce_(G.flatten(back), op="sum"))
-    extra = _penalty_grads(inputs.penalty, shared + others)
     grads = _add(G.unflatten(shared_flat, shared) + _unflatten(other_flat, others), extra)
     return Update(shared + others, grads, matrix)
 

@@ -107,3 +107,9 @@ class ResNet12(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(x)  # (N, channels[-1], H / 16, W / 16)
         return x.mean((2, 3)) if self.avg_pool else x.flatten(1)
+
+    def stages(self) -> list[nn.Module]:
+        """The four residual blocks, as the stages multi-task architectures interleave with (cross-stitch units, MTAN
+        attention). They share this module's parameters; the last one's output is the feature map, neither pooled
+        nor flattened."""
+        return list(self.blocks)

@@ -17,6 +17,8 @@ CONFIGS = sorted((REPO / "recipes" / "configs").glob("omniglot_alphabets/*.yaml"
     (REPO / "recipes" / "configs").glob("multimnist/*.yaml"))
 METHODS = ["single_task", "hps_equal", "hps_uw", "hps_gradnorm", "hps_famo", "hps_pcgrad", "hps_mgda_ub",
            "hps_upgrad", "soft_sharing"]
+# quick configs of the other architectures, at equal weighting (hard and soft sharing: hps_equal, soft_sharing)
+ARCHITECTURES = ["cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "ltb"]
 
 
 def load_recipe():
@@ -101,3 +103,158 @@ def test_fit_then_test_best_and_last(data_env, tmp_path):
         assert {"test/left/acc", "test/right/acc", "test/metric_mean", "test/error_mean"} <= set(metrics)
     written = json.loads((tmp_path / "test_metrics.json").read_text())
     assert written["test/left/acc"] == pytest.approx(float(metrics["test/left/acc"]))
+    assert written["higher_is_better"] == {"left/acc": True, "right/acc": True}
+
+
+def test_every_architecture_has_quick_configs_on_both_datasets():
+    from lightning_mtl.mtl.architectures import list_architectures
+
+    names = {(c.parent.name, c.stem) for c in CONFIGS}
+    for dataset in ("omniglot_alphabets", "multimnist"):
+        for arch in ARCHITECTURES:
+            assert (dataset, f"{arch}_quick") in names
+    in_configs = {line.split("architectures.")[1].strip() for c in CONFIGS for line in c.read_text().splitlines()
+                  if "class_path: lightning_mtl.mtl.architectures." in line}
+    assert in_configs == set(list_architectures()), "an architecture without a quick config"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_multimnist_architecture_quick_fast_dev_run(arch, data_env, tmp_path):
+    config = REPO / "recipes" / "configs" / "multimnist" / f"{arch}_quick.yaml"
+    with pytest.warns(UserWarning, match="train-images"):
+        cli = multitask.main(["fit", "--config", str(config), "--trainer.fast_dev_run=true",
+                              "--trainer.max_time=null", "--trainer.logger=false", "--data.batch_size=8",
+                              f"--checkpoint.dirpath={tmp_path}/ckpt"])
+    assert type(cli.model.architecture).__module__.endswith(arch)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert {"val/left/acc", "val/right/acc"} <= set(cli.trainer.callback_metrics)
+
+
+@pytest.mark.parametrize("arch", ["mtan", "mmoe", "cross_stitch"])
+def test_omniglot_alphabets_architecture_quick_fast_dev_run(arch, data_env, tmp_path):
+    config = REPO / "recipes" / "configs" / "omniglot_alphabets" / f"{arch}_quick.yaml"
+    cli = multitask.main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.max_time=null",
+                          "--trainer.logger=false", "--data.batch_size=2", f"--checkpoint.dirpath={tmp_path}/ckpt",
+                          "--model.balancer=pcgrad"])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_balancer_name_overrides_a_class_path_with_arguments(data_env, tmp_path):
+    """The configs' own override example: a registry name replaces GradNorm's class path and its init_args."""
+    config = REPO / "recipes" / "configs" / "multimnist" / "hps_gradnorm_quick.yaml"
+    with pytest.warns(UserWarning, match="train-images"):
+        cli = multitask.main(["fit", "--config", str(config), "--model.balancer", "cagrad",
+                              "--trainer.fast_dev_run=true", "--trainer.max_time=null", "--trainer.logger=false",
+                              "--data.batch_size=8", f"--checkpoint.dirpath={tmp_path}/ckpt"])
+    assert type(cli.model.balancer).__name__ == "CAGrad"
+
+
+def test_balancer_class_path_arguments_are_validated(capsys):
+    config = REPO / "recipes" / "configs" / "multimnist" / "hps_equal_quick.yaml"
+    with pytest.raises(SystemExit):
+        multitask.main(["fit", "--config", str(config), "--model.balancer=lightning_mtl.mtl.balancing.dwa.DWA",
+                        "--model.balancer.temp=2.0"])
+    assert "temp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        multitask.main(["fit", "--config", str(config), "--model.balancer.help",
+                        "lightning_mtl.mtl.balancing.dwa.DWA"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "--balancer.temperature" in out and "--balancer.period" in out  # each argument, documented
+
+
+USER_MODULE = '''
+"""A user's own architecture, task and balancer, outside the package."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanAbsoluteError
+
+from lightning_mtl.mtl.architectures import Architecture
+from lightning_mtl.mtl.balancing import LossWeighting
+from lightning_mtl.mtl.tasks import Task
+
+
+class TwoTowers(Architecture):
+    """A shared conv, then one small tower per task."""
+
+    def __init__(self, tasks: list[str], width: int = 8) -> None:
+        super().__init__(tasks)
+        self.shared = nn.Sequential(nn.Conv2d(1, width, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.towers = nn.ModuleDict({t: nn.Linear(4 * width, width) for t in self.tasks})
+        self.calls = 0
+
+    def represent(self, x, tasks):
+        self.calls += 1
+        z = self.shared(x).flatten(1)
+        return {t: torch.tanh(self.towers[t](z)) for t in tasks}
+
+    def task_parameters(self):
+        return {t: list(m.parameters()) for t, m in self.towers.items()}
+
+
+class DigitValue(Task):
+    """Regress the digit's value (a user-defined task kind)."""
+
+    def build_head(self, representation_shape):
+        return nn.Linear(representation_shape[0], 1)
+
+    def loss(self, output, target):
+        return F.mse_loss(output.squeeze(1), target.float())
+
+    def metrics(self):
+        return {"mae": MeanAbsoluteError()}
+
+    def align(self, output, target):
+        return output
+
+    def check_target(self, target):
+        if target.ndim != 1:
+            raise ValueError("expected (B,) digits")
+
+
+class Halves(LossWeighting):
+    """0.5 * every loss."""
+
+    def __init__(self, tasks: list[str], factor: float = 0.5) -> None:
+        super().__init__(tasks)
+        self.factor = factor
+
+    def forward(self, losses, shared_params=None):
+        stacked = self._stack_losses(losses)
+        self.weights = torch.full_like(stacked, self.factor).detach()
+        return self.factor * stacked.sum()
+'''
+
+
+def test_users_own_architecture_task_and_balancer_run_through_the_recipe(data_env, tmp_path, monkeypatch):
+    """Defined outside the package, named by class path in YAML, run by recipes/multitask.py unchanged."""
+    (tmp_path / "my_mtl.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        (REPO / "recipes" / "configs" / "multimnist" / "hps_equal_quick.yaml").read_text()
+        .replace("    num_classes: null   # taken from the datamodule\n",
+                 "    tasks:\n"
+                 "      left: {class_path: lightning_mtl.mtl.tasks.ClassificationTask, init_args: {num_classes: 10}}\n"
+                 "      right: {class_path: my_mtl.DigitValue}\n")
+        .replace("      class_path: lightning_mtl.mtl.architectures.HardSharing\n      init_args:\n        backbone:\n"
+                 "          class_path: lightning_mtl.nn.Conv4\n          init_args:\n            in_channels: 1\n",
+                 "      class_path: my_mtl.TwoTowers\n      init_args:\n        width: 6\n")
+        .replace("    balancer: equal\n", "    balancer:\n      class_path: my_mtl.Halves\n      init_args:\n"
+                 "        factor: 0.25\n"))
+    args = ["--config", str(config), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            "--trainer.max_time=null", "--trainer.logger=false", "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--data.batch_size=8",
+            f"--checkpoint.dirpath={tmp_path}/ckpt"]
+    with pytest.warns(UserWarning, match="train-images"):
+        cli = multitask.main(["fit", *args])
+    model = cli.model
+    assert type(model.architecture).__name__ == "TwoTowers" and model.architecture.calls >= 2
+    assert type(model.tasks["right"]).__name__ == "DigitValue" and model.balancer.factor == 0.25
+    with pytest.warns(UserWarning, match="train-images"):
+        multitask.main(["test", *args, "--ckpt_path=last"])
+    written = json.loads((tmp_path / "test_metrics.json").read_text())
+    # the regression task's error metric is lower-is-better: the file says so, and the monitor negates it
+    assert written["higher_is_better"] == {"left/acc": True, "right/mae": False}
+    assert "test/right/mae" in written

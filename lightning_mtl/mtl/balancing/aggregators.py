@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+import quadprog
+import torch
 import torchjd.aggregation as tjd
+from torch import Tensor
 
 from lightning_mtl.mtl.balancing.registry import register_balancer
 from lightning_mtl.mtl.balancing.torchjd_aggregator import TorchJDAggregator
@@ -30,19 +34,56 @@ class MeanAggregator(TorchJDAggregator):
 @register_balancer("mgda")
 class MGDA(TorchJDAggregator):
     """MGDA: Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective optimization", C. R. Math.
-    2012; solved with the Frank-Wolfe algorithm of Sener & Koltun, "Multi-Task Learning as Multi-Objective
-    Optimization", NeurIPS 2018, arXiv:1810.04650.
+    2012; Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018, arXiv:1810.04650.
 
-    The minimum-norm point of the convex hull of the task gradients, sum_k a_k g_k with a on the simplex (unscaled).
+    The minimum-norm point of the convex hull of the task gradients, sum_k a_k g_k with a on the simplex (unscaled):
+    a = argmin_{a in simplex} a^T (G G^T) a. By default the K-variable QP on the Gramian is solved exactly
+    (Goldfarb-Idnani, ``quadprog``; microseconds for tens of tasks); ``solver="frank_wolfe"`` runs torchjd's
+    Frank-Wolfe iterations instead, which converge slowly when the solution lies on a face of the simplex: with 100
+    iterations its weights were 12% from the exact point on a 3-task case where LibMTL's solver (Sener & Koltun's,
+    with exact line searches) is within 1e-5 (``tests/mtl/balancing/test_libmtl_reference.py``).
 
     Args:
         tasks: task names, in the order of the matrix rows.
+        solver: ``"qp"`` (exact) or ``"frank_wolfe"`` (torchjd's).
         epsilon: Frank-Wolfe stops when its step size falls below this.
         max_iters: maximum Frank-Wolfe iterations.
     """
 
-    def __init__(self, tasks: list[str], epsilon: float = 1e-3, max_iters: int = 100) -> None:
+    def __init__(
+        self, tasks: list[str], solver: Literal["qp", "frank_wolfe"] = "qp", epsilon: float = 1e-3, max_iters: int = 100
+    ) -> None:
+        if solver not in ("qp", "frank_wolfe"):
+            raise ValueError(f"MGDA solver must be 'qp' or 'frank_wolfe', got {solver!r}")
         super().__init__(tasks, tjd.MGDA(epsilon=epsilon, max_iters=max_iters))
+        self.solver = solver
+
+    def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+        if self.solver == "frank_wolfe":
+            return super().forward(matrix, losses)
+        self._check_matrix(matrix)
+        dtype = torch.promote_types(matrix.dtype, torch.float32)  # as every aggregator: half precision in float32
+        weights = min_norm_weights(matrix).to(device=matrix.device, dtype=dtype)
+        self.weights = weights
+        return (weights @ matrix.to(dtype)).to(matrix.dtype)
+
+
+def min_norm_weights(matrix: Tensor) -> Tensor:
+    """``argmin_{a in simplex} ||a^T matrix||^2`` for a ``(K, D)`` matrix, solved exactly on the float64 Gramian.
+
+    The Gramian is scaled by its trace (the solution does not change) and given a ridge of 1e-12 so that the QP is
+    strictly convex when gradients are linearly dependent.
+    """
+    gram = (matrix.double() @ matrix.double().T).cpu()  # (K, K)
+    k = gram.shape[0]
+    scale = float(gram.trace()) / k
+    if not scale > 0:  # every gradient is zero: any point is optimal
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+    g = (gram / scale).numpy() + 1e-12 * np.eye(k)
+    constraints = np.concatenate([np.ones((k, 1)), np.eye(k)], axis=1)  # sum a = 1, then a >= 0
+    a = quadprog.solve_qp(g, np.zeros(k), constraints, np.concatenate([[1.0], np.zeros(k)]), meq=1)[0]
+    a = np.clip(a, 0.0, None)
+    return torch.from_numpy(a / a.sum())
 
 
 @register_balancer("cagrad")

@@ -51,3 +51,16 @@ def test_imtl_g_projections_onto_unit_gradients_are_equal():
     out = create_balancer("imtl_g", ["a", "b", "c"])(matrix)
     projections = matrix @ out / matrix.norm(dim=1)
     torch.testing.assert_close(projections, projections[:1].expand(3), atol=1e-5, rtol=1e-5)
+
+
+def test_mgda_min_norm_point_analytic():
+    """Two orthogonal gradients of norms 1 and 2: the min-norm point of their hull weighs them 4/5 and 1/5 (the point
+    (4/5, 2/5), of norm 2/sqrt(5)); a gradient inside the hull of the others' is the answer when it is the smallest."""
+    mgda = create_balancer("mgda", ["a", "b"])
+    torch.testing.assert_close(mgda(torch.tensor([[1.0, 0.0], [0.0, 2.0]])), torch.tensor([0.8, 0.4]))
+    torch.testing.assert_close(mgda.weights, torch.tensor([0.8, 0.2]))
+    three = create_balancer("mgda", ["a", "b", "c"])
+    out = three(torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.5, 0.5]]))  # (0.5, 0.5) is the hull's min-norm point
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.5]), atol=1e-6, rtol=0)
+    assert three.weights.sum().item() == pytest.approx(1.0) and (three.weights >= 0).all()
+    torch.testing.assert_close(mgda(torch.zeros(2, 3)), torch.zeros(3))  # all zero: any point, no NaN

@@ -19,9 +19,10 @@ from lightning_mtl.mtl.balancing import (
 
 TASKS = ["a", "b", "c"]
 EXPECTED = {
-    "weighting": ["dwa", "equal", "famo", "fixed", "gradnorm", "rlw", "uncertainty"],
-    "aggregator": ["aligned_mtl", "cagrad", "graddrop", "gradvac", "imtl_g", "mean", "mgda", "nash_mtl", "pcgrad",
-                   "upgrad"],
+    "weighting": ["dwa", "equal", "famo", "fixed", "gls", "gradnorm", "rlw", "stch", "uncertainty"],
+    "aggregator": ["aligned_mtl", "cagrad", "conflict_free", "cr_mogm", "db_mtl", "dualproj", "excess_mtl", "fairgrad",
+                   "graddrop", "gradvac", "imtl", "imtl_g", "mean", "mgda", "moco", "modo", "nash_mtl", "pcd", "pcgrad",
+                   "rgw", "sdmgrad", "upgrad"],
 }
 
 
@@ -68,7 +69,8 @@ def test_aggregator_contract(name):
     aggregator = create_balancer(name, TASKS)
     assert isinstance(aggregator, GradientAggregator)
     for _ in range(2):
-        out = aggregator(torch.randn(3, 17))
+        losses = torch.rand(3) + 0.1 if aggregator.needs_losses else None
+        out = aggregator(torch.randn(3, 17), losses)
         assert out.shape == (17,) and torch.isfinite(out).all()
         assert aggregator.weights is None or aggregator.weights.shape == (3,)
     _assert_state_round_trips(name, aggregator)

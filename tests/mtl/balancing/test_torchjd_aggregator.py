@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:You are solving a parameterized
 REFERENCES = {
     "mean": ({}, lambda k: tjd.Mean()),
     "pcgrad": ({}, lambda k: tjd.PCGrad()),
-    "mgda": ({}, lambda k: tjd.MGDA()),
+    "mgda": ({"solver": "frank_wolfe"}, lambda k: tjd.MGDA()),  # the exact QP (default): test_aggregators.py
     "cagrad": ({}, lambda k: tjd.CAGrad(c=0.4)),
     "nash_mtl": ({}, lambda k: tjd.NashMTL(n_tasks=k)),
     "imtl_g": ({}, lambda k: tjd.IMTLG()),
@@ -24,10 +24,25 @@ REFERENCES = {
     "upgrad": ({}, lambda k: tjd.UPGrad()),
     "graddrop": ({}, lambda k: tjd.GradDrop()),
     "gradvac": ({}, lambda k: tjd.GradVac()),
+    "conflict_free": ({}, lambda k: tjd.ConFIG()),
+    "dualproj": ({}, lambda k: tjd.DualProj()),
+    "fairgrad": ({}, lambda k: tjd.FairGrad(alpha=1.0)),
+    "excess_mtl": ({}, lambda k: tjd.ExcessMTL()),
+    "modo": ({}, lambda k: tjd.GramianWeightedAggregator(tjd.MoDoWeighting())),
+    "sdmgrad": ({}, lambda k: tjd.GramianWeightedAggregator(tjd.SDMGradWeighting())),
+    "cr_mogm": ({"base_args": {"solver": "frank_wolfe"}},
+                lambda k: tjd.GramianWeightedAggregator(tjd.CRMOGMWeighting(tjd.MGDAWeighting()))),
+    "pcd": ({}, lambda k: tjd.PCD()),
+    "rgw": ({}, lambda k: tjd.Random()),
 }
+# aggregators torchjd does not have: tested against LibMTL 1.1.5 or analytic cases in their own test files
+NOT_IN_TORCHJD = {"db_mtl", "imtl", "moco"}
+# ConFIG's float32 update lies ~2e-5 outside the span of the rows (torchjd's own rounding): its weights, recovered in
+# float64, reproduce it to that tolerance only
+WEIGHTS_ATOL = {"conflict_free": 1e-4}
 WITH_ARGUMENTS = {
     "cagrad": ({"c": 0.8, "norm_eps": 1e-3}, lambda k: tjd.CAGrad(c=0.8, norm_eps=1e-3)),
-    "mgda": ({"epsilon": 1e-4, "max_iters": 7}, lambda k: tjd.MGDA(epsilon=1e-4, max_iters=7)),
+    "mgda": ({"solver": "frank_wolfe", "epsilon": 1e-4, "max_iters": 7}, lambda k: tjd.MGDA(epsilon=1e-4, max_iters=7)),
     "nash_mtl": ({"max_norm": 0.0, "optim_niter": 5}, lambda k: tjd.NashMTL(n_tasks=k, max_norm=0.0, optim_niter=5)),
     "aligned_mtl": (
         {"pref_vector": [0.5, 0.25, 0.25], "scale_mode": "rmse"},
@@ -40,7 +55,7 @@ WITH_ARGUMENTS = {
 
 
 def test_every_registered_aggregator_has_a_reference():
-    assert sorted(REFERENCES) == list_balancers("aggregator")
+    assert sorted([*REFERENCES, *NOT_IN_TORCHJD]) == list_balancers("aggregator")
 
 
 def _matrices(k: int, d: int, conflicting: bool, seed: int) -> list[torch.Tensor]:
@@ -80,7 +95,8 @@ def test_matches_torchjd(name, k, d, conflicting):
         assert ours.weights is None
     else:  # the reported weights are the ones of the last call
         assert ours.weights.shape == (k,)
-        torch.testing.assert_close(ours.weights @ matrices[-1], outputs[-1], atol=1e-5, rtol=1e-5)
+        atol = WEIGHTS_ATOL.get(name, 1e-5)
+        torch.testing.assert_close(ours.weights @ matrices[-1], outputs[-1], atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(WITH_ARGUMENTS))
