@@ -557,7 +557,7 @@ CASES = [
          "batch tasks ['a', 'left'] do not match the model's tasks ['a', 'b']; make the datamodule's task names "
          "match the model's."),
     Case("target_out_of_range", lambda tmp: fit(mtl_model(), mtl_batch(b=torch.tensor([0, 1, 2, 1]))), ValueError,
-         "task 'b': target 2 is out of the head's range 0..1; fix num_classes['b'] or the labels."),
+         "task 'b': target 2 is out of the head's range 0..1; fix num_classes or the labels."),
     Case("backbone_output_does_not_fit_heads", lambda tmp: fit(mtl_model(backbone=nn.Flatten()),
                                                                 mtl_batch(torch.zeros(4, 2, 6))), ValueError,
          "HardSharing gives task 'a' a representation of shape (12,) for inputs of shape (2, 6), but its head was "

@@ -202,6 +202,16 @@ def test_multitask_famo_resumes_exactly_after_sigkill(env, tmp_path):
     check_exact_resume("multitask.py", args, tmp_path, env, seed=2)
 
 
+def test_multitask_ltb_pcgrad_resumes_exactly_after_sigkill(env, tmp_path):
+    """Learning to Branch draws its Gumbel-softmax branching from the global generator at every step, and its leaves
+    are task parameters outside PCGrad's matrix: the random states, the temperature buffer and both gradient paths
+    must come back exactly. (Every architecture resumes exactly in process: tests/mtl/test_architecture_contract.py.)"""
+    args = ["--config", str(CONFIGS / "omniglot_alphabets" / "ltb_quick.yaml"),
+            "--data.alphabets=[Tagalog,Alphabet_of_the_Magi,Greek]", "--data.batch_size=16", "--data.num_workers=0",
+            "--model.balancer=pcgrad", "--model.diagnostics_every=5"]
+    check_exact_resume("multitask.py", args, tmp_path, env, seed=4)
+
+
 # A slow disk for the recipe run below: every write into a checkpoint file (``os.write``, and ``os.sendfile``, which a
 # copy across file systems uses) moves at most 64 KiB and takes 20 ms; the first write into each file is announced.
 SLOW_DISK = r"""

@@ -288,14 +288,16 @@ class MultiTaskModule(L.LightningModule):
             leaf_of = {id(z): z.detach().requires_grad_() for z in graphs}
             reps = {t: leaf_of[id(z)] for t, z in reps.items()}
         reps = {t: self._checked(t, z, batch.x) for t, z in reps.items()}
-        losses = torch.stack([self._loss(t, self.tasks[t](reps[t]), batch.targets[t]) for t in self.task_names])
+        task_losses = [self._loss(t, self.tasks[t](reps[t]), batch.targets[t]) for t in self.task_names]
+        losses = torch.stack(task_losses)  # (K,)
         shared = self.architecture.shared_parameters()
         shared_ids = {id(p) for p in shared}
         others = [p for m in (self.architecture, self.tasks) for p in m.parameters()
                   if p.requires_grad and id(p) not in shared_ids]
         every = self.hparams.diagnostics_every
         inputs = paths.StepInputs(
-            tasks=self.task_names, losses=losses, global_losses=G.all_reduce_(losses.detach().clone()),
+            tasks=self.task_names, task_losses=task_losses, losses=losses,
+            global_losses=G.all_reduce_(losses.detach().clone()),
             shared=shared, others=others, penalty=self.architecture.penalty(), scale=self._loss_scale,
             diagnose=bool(every) and self.global_step % every == 0 and bool(shared),
         )

@@ -36,7 +36,10 @@ class StepInputs:
 
     Attributes:
         tasks: task names, in the order of ``losses``.
-        losses: ``(K,)`` this rank's task losses (float32, differentiable).
+        task_losses: this rank's task losses (float32 scalars, differentiable), one tensor per task.
+        losses: ``(K,)`` the same, stacked. Per-task gradients start from ``task_losses``: a backward pass from one
+            element of the stacked vector would also run through every other task's graph (with zero gradients),
+            K times the work when tasks have their own inputs.
         global_losses: ``(K,)`` the losses averaged over ranks (detached).
         shared: the architecture's shared parameters (what aggregation acts on).
         others: every other trainable parameter of the model (task parameters, heads).
@@ -46,6 +49,7 @@ class StepInputs:
     """
 
     tasks: list[str]
+    task_losses: list[Tensor]
     losses: Tensor
     global_losses: Tensor
     shared: list[Tensor]
@@ -76,14 +80,17 @@ def diagnostic_matrix(inputs: StepInputs, through: tuple[list[Tensor], list[Tens
     """The ``(K, D)`` true task gradients on the shared parameters, averaged over ranks: one backward per task,
     directly or (``through=(leaves, graphs)``) via the representations' leaf copies and then the architecture."""
     scale, rows = inputs.scale, []
-    for k in range(len(inputs.tasks)):
-        loss = scale.scale(inputs.losses[k])
+    for task_loss in inputs.task_losses:
+        loss = scale.scale(task_loss)
         if through is None:
             rows.append(G.flatten(G.grads(loss, inputs.shared, retain_graph=True)))
         else:
             leaves, graphs = through
-            g_z = G.grads(loss, leaves, retain_graph=True)
-            rows.append(G.flatten(G.grads(graphs, inputs.shared, retain_graph=True, grad_outputs=g_z)))
+            g_z = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+            # only the representations this task reads: with per-task inputs, one pass instead of K
+            used = [(z, g) for z, g in zip(graphs, g_z, strict=True) if g is not None]
+            rows.append(G.flatten(G.grads([z for z, _ in used], inputs.shared, retain_graph=True,
+                                          grad_outputs=[g for _, g in used])))
     return scale.unscale_(G.all_reduce_(torch.stack(rows)))
 
 
@@ -118,7 +125,7 @@ def loss_weighting(balancer: LossWeighting, inputs: StepInputs) -> Update:
     """
     shared, others, scale, tasks = inputs.shared, inputs.others, inputs.scale, inputs.tasks
     own = [p for p in balancer.parameters() if p.requires_grad]
-    losses = {t: inputs.losses[k] for k, t in enumerate(tasks)}
+    losses = dict(zip(tasks, inputs.task_losses, strict=True))
     with torch.autocast(inputs.losses.device.type, enabled=False):
         if balancer.needs_shared_params:
             total, own_grads = balancer(losses, shared), None
@@ -156,7 +163,7 @@ def parameter_aggregation(
     if vmap_through is not None:
         G.task_matrix_vmap(scale.scale(inputs.losses), vmap_through, shared, buffer)
     else:
-        G.task_matrix([scale.scale(loss) for loss in inputs.losses], shared, buffer)
+        G.task_matrix([scale.scale(loss) for loss in inputs.task_losses], shared, buffer)
     matrix = scale.unscale_(G.all_reduce_(buffer))  # (K, D): true gradients, averaged over ranks
     extra = _penalty_grads(inputs.penalty, shared + others)
     other_flat = _reduce(G.grads(scale.scale(inputs.losses.sum()), others), scale)
@@ -182,7 +189,7 @@ def representation_aggregation(
     shared, others, scale = inputs.shared, inputs.others, inputs.scale
     matrix = diagnostic_matrix(inputs, (leaves, graphs)) if inputs.diagnose and shared else None
     extra = _penalty_grads(inputs.penalty, shared + others)
-    rows = [G.flatten(G.grads(scale.scale(loss), leaves, retain_graph=True)) for loss in inputs.losses]
+    rows = [G.flatten(G.grads(scale.scale(loss), leaves, retain_graph=True)) for loss in inputs.task_losses]
     # the gradient of the global-batch mean loss w.r.t. this rank's rows of the representation: local / W
     gathered, offset = G.all_gather_columns(torch.stack(rows) / world_size)
     z_matrix = scale.unscale_(gathered.float())  # (K, global B * R)

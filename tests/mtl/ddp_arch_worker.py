@@ -1,9 +1,11 @@
 """Fit the toy multi-task model on one architecture of the contract test for a few steps, in one process or under
 2-process CPU DDP, and save its weights.
 
-    python tests/mtl/ddp_arch_worker.py ARCHITECTURE BALANCER LEVEL DEVICES OUT.pt
+    python tests/mtl/ddp_arch_worker.py ARCHITECTURE:BALANCER:LEVEL[,...] DEVICES OUT.pt
 
-ARCHITECTURE is a class name of ``FACTORIES`` in ``test_architecture_contract.py``. Each rank trains on its
+ARCHITECTURE is a class name of ``FACTORIES`` in ``test_architecture_contract.py``; the cases run one after the
+other in the same processes (one launch and one process group for all: starting them is most of the cost), and
+OUT.pt maps each case to its final weights. Each rank trains on its
 contiguous slice of the same global batches, so the DDP run must equal the single-process run on the global batch.
 
 BatchNorm (MTAN's attention and f blocks) normalises with the statistics of the batch it sees: under DDP, of the
@@ -48,8 +50,7 @@ class RunningStatsBatchNorm(L.Callback):
                 m.eval()
 
 
-def main(name: str, balancer: str, level: str, devices: int, out: str, steps: int = 4) -> None:
-    torch.use_deterministic_algorithms(True)
+def fit(name: str, balancer: str, level: str, devices: int, steps: int = 4) -> tuple[int, dict]:
     model = build(name, balancer, level=level, diagnostics_every=2)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps,
@@ -58,10 +59,18 @@ def main(name: str, balancer: str, level: str, devices: int, out: str, steps: in
         callbacks=[RunningStatsBatchNorm()],
     )
     trainer.fit(model, datamodule=Slices(name, steps))
-    if trainer.global_rank == 0:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    return trainer.global_rank, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def main(cases: str, devices: int, out: str) -> None:
+    torch.use_deterministic_algorithms(True)
+    results, rank = {}, 0
+    for case in cases.split(","):
+        rank, results[case] = fit(*case.split(":"), devices)
+    if rank == 0:
+        torch.save(results, out)
     end_distributed()  # as the recipes do: no gloo thread left to abort the exit
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -18,30 +18,43 @@ from test_architecture_contract import build  # noqa: E402
 WORKER = Path(__file__).parent / "ddp_arch_worker.py"
 
 
-@pytest.mark.parametrize("name,balancer,level", [
+CASES = [
     ("MTAN", "pcgrad", "parameter"),
     ("MTAN", "uncertainty", "parameter"),
     ("MMoE", "pcgrad", "parameter"),
     ("MMoE", "uncertainty", "parameter"),
     ("MMoE", "mgda", "representation"),
-])
-def test_ddp_two_processes_equal_single_process(name, balancer, level, tmp_path):
+]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[int, dict]:
+    """Every case, trained in one single-process run and one 2-process run (launching is most of the cost)."""
+    tmp = tmp_path_factory.mktemp("ddp_arch")
     # PL_GLOBAL_SEED (left by any earlier seed_everything) would make Lightning reseed the ranks differently from the
     # single process
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PL_")}, "PYTHONUNBUFFERED": "1"}
+    spec = ",".join(":".join(c) for c in CASES)
     outs = {}
     for devices in (1, 2):
-        out = tmp_path / f"{devices}.pt"
-        proc = subprocess.run([sys.executable, str(WORKER), name, balancer, level, str(devices), str(out)], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        out = tmp / f"{devices}.pt"
+        proc = subprocess.run([sys.executable, str(WORKER), spec, str(devices), str(out)], env=env,
+                              capture_output=True, text=True, timeout=600, cwd=tmp)
         assert proc.returncode == 0, proc.stderr[-4000:]
         outs[devices] = torch.load(out, weights_only=True)
-    assert outs[1].keys() == outs[2].keys()
-    for key in outs[1]:
-        torch.testing.assert_close(outs[2][key], outs[1][key], atol=1e-5, rtol=0, msg=f"{name}/{balancer}: {key}")
+    return outs
+
+
+@pytest.mark.parametrize("name,balancer,level", CASES)
+def test_ddp_two_processes_equal_single_process(name, balancer, level, ddp_runs):
+    case = f"{name}:{balancer}:{level}"
+    one, two = ddp_runs[1][case], ddp_runs[2][case]
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=f"{name}/{balancer}: {key}")
     initial = build(name, balancer, level=level)
     arch = initial.architecture
     names = {id(p): n for n, p in initial.named_parameters()}
     for group, params in [("shared", arch.shared_parameters()), *arch.task_parameters().items()]:
-        moved = any(not torch.allclose(initial.state_dict()[names[id(p)]], outs[1][names[id(p)]]) for p in params)
+        moved = any(not torch.allclose(initial.state_dict()[names[id(p)]], one[names[id(p)]]) for p in params)
         assert moved, f"training did not change the {group} parameters of {name}"

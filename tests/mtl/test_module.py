@@ -114,24 +114,35 @@ def test_equal_weighting_is_sum_of_task_gradients():
     torch.testing.assert_close(params_vector(model), expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("balancer,level", [("pcgrad", "parameter"), ("mgda", "parameter"), ("upgrad", "parameter"),
-                                            ("uncertainty", "parameter"), ("mgda", "representation")])
-def test_ddp_two_processes_equal_single_process(balancer, level, tmp_path):
+DDP_CASES = [("pcgrad", "parameter"), ("mgda", "parameter"), ("upgrad", "parameter"), ("uncertainty", "parameter"),
+             ("mgda", "representation")]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[int, dict]:
+    """Every case, trained in one single-process run and one 2-process run (launching is most of the cost)."""
+    tmp = tmp_path_factory.mktemp("ddp")
     # PL_GLOBAL_SEED (left by any earlier seed_everything) would make Lightning reseed the ranks differently from the
     # single process
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PL_")}, "PYTHONUNBUFFERED": "1"}
     outs = {}
     for devices in (1, 2):
-        out = tmp_path / f"{devices}.pt"
-        proc = subprocess.run([sys.executable, str(WORKER), balancer, level, str(devices), str(out)], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        out = tmp / f"{devices}.pt"
+        proc = subprocess.run([sys.executable, str(WORKER), ",".join(f"{b}:{lv}" for b, lv in DDP_CASES),
+                               str(devices), str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
         assert proc.returncode == 0, proc.stderr[-4000:]
         outs[devices] = torch.load(out, weights_only=True)
-    assert outs[1].keys() == outs[2].keys()
-    for key in outs[1]:
-        torch.testing.assert_close(outs[2][key], outs[1][key], atol=1e-5, rtol=0, msg=f"{balancer}: {key} differs")
+    return outs
+
+
+@pytest.mark.parametrize("balancer,level", DDP_CASES)
+def test_ddp_two_processes_equal_single_process(balancer, level, ddp_runs):
+    one, two = ddp_runs[1][f"{balancer}:{level}"], ddp_runs[2][f"{balancer}:{level}"]
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=f"{balancer}: {key} differs")
     initial = make_model(balancer).state_dict()
-    moved = any(not torch.allclose(initial[k], outs[1][k]) for k in initial if k in outs[1])
+    moved = any(not torch.allclose(initial[k], one[k]) for k in initial if k in one)
     assert moved, "training did not change the parameters"
 
 
