@@ -101,6 +101,18 @@ class GradientAggregator(Balancer):
 
     #: whether :meth:`forward` needs the ``(tasks,)`` losses.
     needs_losses: bool = False
+    #: buffers whose width is only known at the first call (a (K, D) state, e.g. MoCo's tracked gradients): a
+    #: checkpoint's saved shape is taken when loading, so a fresh instance loads a checkpoint of any width
+    lazy_buffers: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name in self.lazy_buffers:
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.shape != current.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
         """The ``(dims,)`` update direction of the ``(tasks, dims)`` matrix (and, if :attr:`needs_losses`, the

@@ -49,6 +49,7 @@ class DBMTL(GradientAggregator):
     """
 
     needs_losses = True
+    lazy_buffers = ("grad_ema",)  # (K, D), sized at the first call
 
     def __init__(self, tasks: list[str], beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> None:
         super().__init__(tasks)
@@ -87,13 +88,3 @@ class DBMTL(GradientAggregator):
         factors = norms.max() / (norms + self.eps)
         self.weights = factors.detach()
         return (factors @ self.grad_ema).to(matrix.dtype)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # The average's width is only known at the first call: take the saved one, so a fresh instance loads any
-        # checkpoint.
-        saved = state_dict.get(prefix + "grad_ema")
-        if saved is not None and saved.shape != self.grad_ema.shape:
-            self.grad_ema = torch.zeros(saved.shape, dtype=self.grad_ema.dtype, device=self.grad_ema.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)

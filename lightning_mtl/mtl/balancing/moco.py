@@ -73,6 +73,8 @@ class MoCo(GradientAggregator):
             unknown ``lambda_update`` or ``gradient_scaling``.
     """
 
+    lazy_buffers = ("tracked",)  # Y, (K, D), sized at the first call
+
     def __init__(
         self,
         tasks: list[str],
@@ -137,12 +139,3 @@ class MoCo(GradientAggregator):
         moved = lambd - self.gamma / t**self.gamma_sigma * (gram @ lambd)
         new = project_to_simplex(moved) if self.lambda_update == "projection" else torch.softmax(moved, dim=0)
         self.lambd.copy_(new)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # Y's width is only known at the first call: take the saved one, so a fresh instance loads any checkpoint.
-        saved = state_dict.get(prefix + "tracked")
-        if saved is not None and saved.shape != self.tracked.shape:
-            self.tracked = torch.zeros(saved.shape, dtype=self.tracked.dtype, device=self.tracked.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
