@@ -259,13 +259,20 @@ class MultiTaskDataModule(L.LightningDataModule, ABC):
             ds,
             skip=batches,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffle(len(ds), self.seed, stream, epoch, passes) if train else None,
+            sampler=self.train_sampler(ds, stream, epoch, passes) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_shared if shared else None,
             # seeds the workers: starting an iterator never draws from torch's global generator
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def train_sampler(self, ds: Dataset, stream: int, epoch: int, passes: int) -> Sampler:
+        """The training order of ``ds``: an :class:`EpochShuffle` seeded with ``(seed, stream, epoch, pass)``, starting
+        at ``epoch`` and ``passes`` (a resumed fit). Override it to change what the sampler hands the dataset, e.g.
+        to pass the epoch along with each index (:class:`~lightning_mtl.datamodules.nyuv2.EpochTagged`); keep
+        ``set_epoch`` and the order, which resuming relies on."""
+        return EpochShuffle(len(ds), self.seed, stream, epoch, passes)
 
     def _positions(self, datasets: list[Dataset], train: bool) -> list[tuple[int, int, int]]:
         """``(epoch, pass, batches into the pass)`` of each loader: where the training data of a restored checkpoint

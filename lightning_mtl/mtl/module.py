@@ -64,7 +64,9 @@ class MultiTaskModule(L.LightningModule):
         nonfinite_loss: ``"skip"`` the step with a warning, or ``"raise"``.
         diagnostics_every: log task-gradient cosines and norm ratios every this many steps (0: never).
         optimizer: optimizer factory; default Adam, lr 1e-3.
-        lr_scheduler: scheduler factory, stepped every training step.
+        lr_scheduler: scheduler factory.
+        lr_scheduler_interval: step the scheduler after every optimizer step (``"step"``) or at the end of every
+            training epoch (``"epoch"``: the papers' epoch schedules, e.g. NYUv2's ``StepLR(100, 0.5)``, as written).
 
     Raises:
         ValueError: before training, for contradicting or invalid settings (both ``tasks`` and ``num_classes``, both
@@ -86,6 +88,7 @@ class MultiTaskModule(L.LightningModule):
         diagnostics_every: int = 50,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
         if tasks is not None and num_classes is not None:
@@ -98,8 +101,9 @@ class MultiTaskModule(L.LightningModule):
         if isinstance(balancer, str):
             balancer_class(balancer)  # an unknown name fails here, listing the valid ones
         choices = {"level": ("parameter", "representation"), "jacobian": ("auto", "loop", "vmap"),
-                   "nonfinite_loss": ("skip", "raise")}
-        for name, value in (("level", level), ("jacobian", jacobian), ("nonfinite_loss", nonfinite_loss)):
+                   "nonfinite_loss": ("skip", "raise"), "lr_scheduler_interval": ("step", "epoch")}
+        for name, value in (("level", level), ("jacobian", jacobian), ("nonfinite_loss", nonfinite_loss),
+                            ("lr_scheduler_interval", lr_scheduler_interval)):
             if value not in choices[name]:
                 raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
         ignore = ["tasks", "architecture", "backbone", "optimizer", "lr_scheduler"]
@@ -321,9 +325,14 @@ class MultiTaskModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.balancer.after_step({t: inputs.global_losses[i] for i, t in enumerate(self.task_names)})
         scheduler = self.lr_schedulers()
-        if scheduler is not None:
+        if scheduler is not None and self.hparams.lr_scheduler_interval == "step":
             scheduler.step()
         self._log_training(inputs.global_losses, update.matrix)
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.hparams.lr_scheduler_interval == "epoch":
+            scheduler.step()
 
     def _loss(self, task: str, output: Tensor, target: Tensor) -> Tensor:
         output = self.tasks[task].align(output, target)

@@ -328,3 +328,22 @@ def test_gradnorm_weights_are_trained():
     before = [p.detach().clone() for p in model.balancer.parameters()]
     fit(model, global_batches(3))
     assert any(not torch.equal(b, a) for b, a in zip(before, model.balancer.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_lr_scheduler_steps_per_step_or_per_epoch(interval):
+    """StepLR(step_size=2, gamma=0.5) over 3 epochs of 2 batches: stepped per optimizer step the rate halves every 2
+    steps (3 times in 6 steps); per epoch it halves every 2 epochs (once), as the papers' epoch schedules read."""
+    from functools import partial
+
+    model = make_model(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.5),
+                       lr_scheduler_interval=interval)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, train_dataloaders=DataLoader(global_batches(2), batch_size=None))
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert trainer.global_step == 6
+    assert lr == pytest.approx(0.1 * (0.5 ** 3 if interval == "step" else 0.5))  # toy models use SGD(lr=0.1)
+    with pytest.raises(ValueError, match="lr_scheduler_interval must be one of"):
+        make_model(lr_scheduler_interval="batch")

@@ -5,16 +5,22 @@ Attention", CVPR 2019, arXiv:1803.10704; ``lorenmt/mtan`` ``im2im_pred/model_seg
 ``conv_layer(..., pred=True)``): a 3x3 convolution ``C -> C`` then a 1x1 convolution ``C -> out_channels``, with
 biases and nothing between them (no normalisation, no activation). Weights are Xavier-normal and biases zero, as MTAN
 initialises them. LibMTL's NYUv2 SegNet example (``examples/nyu/segnet_mtan.py``, ``SegNet_MTAN_decoder``) uses the
-same two convolutions but keeps PyTorch's default initialisation; its DeepLab-ResNet example uses an ASPP decoder,
-which is an architecture's business here, not a task's.
+same two convolutions but keeps PyTorch's default initialisation. Its DeepLab-ResNet example (and MTAN's ResNet code)
+gives every task its own ASPP decoder instead: pass ``head=lightning_mtl.nn.DeepLabHead`` (in YAML a ``class_path``
+with its ``init_args``), or any callable ``(in_channels, out_channels) -> nn.Module``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mtl.mtl.tasks.base import Task
+
+HeadCallable = Callable[[int, int], nn.Module]
+"""A dense head factory: ``(in_channels, out_channels) -> nn.Module``, ``(B, in, h, w)`` to ``(B, out, h, w)``."""
 
 
 def prediction_head(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -38,11 +44,14 @@ def resize_to(output: Tensor, size: tuple[int, int]) -> Tensor:
 class DenseTask(Task):
     """A task predicting ``out_channels`` values per pixel from a ``(C, H, W)`` representation.
 
-    Its head is :func:`prediction_head`; :meth:`align` resizes the output to the target's last two dimensions, so the
+    Its head is ``head(C, out_channels)`` for a ``(C, H, W)`` representation, MTAN's :func:`prediction_head` by
+    default; :meth:`align` resizes the output to the target's last two dimensions, so the
     representation may be coarser (or finer) than the labels.
 
     Args:
         out_channels: values predicted per pixel (classes, 1 for depth, 3 for normals).
+        head: builds the head from ``(in_channels, out_channels)``; ``None`` → :func:`prediction_head`. E.g.
+            :class:`lightning_mtl.nn.DeepLabHead` (an ASPP decoder per task, as LibMTL's DeepLab-ResNet).
 
     Raises:
         ValueError: ``out_channels`` is not positive.
@@ -50,11 +59,11 @@ class DenseTask(Task):
 
     any_spatial_size = True  # a convolutional head: multi-scale inputs give other map sizes, which align resizes
 
-    def __init__(self, out_channels: int) -> None:
+    def __init__(self, out_channels: int, head: HeadCallable | None = None) -> None:
         super().__init__()
         if out_channels < 1:
             raise ValueError(f"a dense task predicts at least one channel, got out_channels={out_channels}")
-        self.out_channels = out_channels
+        self.out_channels, self.head_factory = out_channels, head or prediction_head
 
     def build_head(self, representation_shape: tuple[int, ...]) -> nn.Module:
         """The head for a ``(C, H, W)`` representation.
@@ -67,7 +76,7 @@ class DenseTask(Task):
                 f"{type(self).__name__} is a dense task: it needs a (C, H, W) representation, got "
                 f"{tuple(representation_shape)}. Use a backbone or architecture whose output is a feature map (one "
                 f"that does not pool and flatten, e.g. a SegNet or ResNet encoder without its classifier).")
-        return prediction_head(representation_shape[0], self.out_channels)
+        return self.head_factory(representation_shape[0], self.out_channels)
 
     def align(self, output: Tensor, target: Tensor) -> Tensor:
         """``output`` ``(B, K, h, w)`` resized to the target's ``(H, W)`` (its last two dimensions)."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_mtl.mtl.tasks._dense import DenseTask
+from lightning_mtl.mtl.tasks._dense import DenseTask, HeadCallable
 
 
 def _like_output(output: Tensor, target: Tensor) -> Tensor:
@@ -86,10 +86,13 @@ class DepthTask(DenseTask):
     Outputs are ``(B, 1, H, W)`` (raw, no activation, as MTAN's head), resized by :meth:`align` to the target's size;
     targets are ``(B, 1, H, W)`` or ``(B, H, W)`` non-negative floats. Metrics: ``abs_err`` (main) and ``rel_err``,
     both lower-is-better (see the module docstring).
+
+    Args:
+        head: the head factory ``(in_channels, out_channels) -> nn.Module``; ``None`` → MTAN's (see ``DenseTask``).
     """
 
-    def __init__(self) -> None:
-        super().__init__(out_channels=1)
+    def __init__(self, head: HeadCallable | None = None) -> None:
+        super().__init__(out_channels=1, head=head)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean ``|pred - target|`` over the batch's valid pixels (0 for a batch with none)."""

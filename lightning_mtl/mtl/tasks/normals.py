@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_mtl.mtl.tasks._dense import DenseTask
+from lightning_mtl.mtl.tasks._dense import DenseTask, HeadCallable
 
 
 def valid_normals(target: Tensor) -> Tensor:
@@ -144,10 +144,13 @@ class NormalTask(DenseTask):
     Outputs are ``(B, 3, H, W)`` unit vectors (resized by :meth:`align` to the target's size, then re-normalised);
     targets are ``(B, 3, H, W)`` floats. Metrics: ``mean_angle`` (main), ``median_angle``, ``within_11_25``,
     ``within_22_5``, ``within_30`` (see the module docstring).
+
+    Args:
+        head: the head factory ``(in_channels, out_channels) -> nn.Module``; ``None`` → MTAN's (see ``DenseTask``).
     """
 
-    def __init__(self) -> None:
-        super().__init__(out_channels=3)
+    def __init__(self, head: HeadCallable | None = None) -> None:
+        super().__init__(out_channels=3, head=head)
 
     def build_head(self, representation_shape: tuple[int, ...]) -> nn.Module:
         return nn.Sequential(super().build_head(representation_shape), _UnitNormal())

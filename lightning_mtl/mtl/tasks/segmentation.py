@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_mtl.mtl.tasks._dense import DenseTask
+from lightning_mtl.mtl.tasks._dense import DenseTask, HeadCallable
 
 
 def confusion_matrix(output: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -105,18 +105,19 @@ class SegmentationTask(DenseTask):
     Args:
         num_classes: number of classes (at least 2).
         ignore_index: label of unlabelled pixels (NYUv2: -1); must lie outside ``0..num_classes - 1``.
+        head: the head factory ``(in_channels, out_channels) -> nn.Module``; ``None`` → MTAN's (see :class:`DenseTask`).
 
     Raises:
         ValueError: fewer than 2 classes, or ``ignore_index`` is a real class.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = -1, head: HeadCallable | None = None) -> None:
         if num_classes < 2:
             raise ValueError(f"a segmentation task needs at least 2 classes, got num_classes={num_classes}")
         if 0 <= ignore_index < num_classes:
             raise ValueError(f"ignore_index={ignore_index} is one of the classes 0..{num_classes - 1}; pick a label "
                              f"outside that range (e.g. -1 or 255)")
-        super().__init__(num_classes)
+        super().__init__(num_classes, head)
         self.num_classes, self.ignore_index = num_classes, ignore_index
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:

@@ -93,3 +93,16 @@ def test_loss_matches_functional():
     gen = torch.Generator().manual_seed(1)
     logits, target = torch.randn(6, 4, generator=gen), torch.randint(0, 4, (6,), generator=gen)
     torch.testing.assert_close(ClassificationTask(4).loss(logits, target), F.cross_entropy(logits, target))
+
+
+def test_average_pooled_head_reads_the_mean_of_each_channel():
+    task = ClassificationTask(3, pool="avg")
+    task.build((4, 5, 6))
+    linear = task.head[-1]
+    assert linear.in_features == 4
+    z = torch.randn(2, 4, 5, 6)
+    assert torch.allclose(task(z), linear(z.mean(dim=(2, 3))), atol=1e-6)
+    with pytest.raises(ValueError, match=r"pool='avg' averages a \(C, H, W\) feature map, got a \(8,\)"):
+        ClassificationTask(3, pool="avg").build((8,))
+    with pytest.raises(ValueError, match="pool must be 'flatten' or 'avg'"):
+        ClassificationTask(3, pool="max")
