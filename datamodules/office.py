@@ -35,6 +35,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -109,11 +110,13 @@ def split_per_class(
 
 
 class DomainTasks(MultiTaskDataModule):
-    """One classification task per domain of a class-per-folder dataset; subclasses give the :class:`DomainLayout`
-    and call ``save_hyperparameters()``.
+    """One classification task per domain of a class-per-folder dataset. A subclass sets the class attribute
+    ``layout`` (a :class:`DomainLayout`: where the dataset lives and its domains) and nothing else::
+
+        class DomainNet(DomainTasks):
+            layout = DomainLayout("DomainNet", {"clipart": ("clipart",), ...}, ("domainnet",), None, "<url>")
 
     Args:
-        layout: where the dataset lives and its domains.
         root: data root; ``None`` → ``$LIGHTNING_MTL_DATA`` → ``./data``.
         path: the dataset folder, relative to ``root`` (or absolute); ``None`` → the first of ``layout.folders``
             that exists.
@@ -136,9 +139,10 @@ class DomainTasks(MultiTaskDataModule):
             non-positive ``image_size`` or a negative ``cache_images`` or ``split_seed``.
     """
 
+    layout: ClassVar[DomainLayout]
+
     def __init__(
         self,
-        layout: DomainLayout,
         root: str | None = None,
         path: str | None = None,
         domains: list[str] | None = None,
@@ -156,6 +160,10 @@ class DomainTasks(MultiTaskDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, mode, eval_mode, num_workers, seed)
+        layout = getattr(type(self), "layout", None)
+        if not isinstance(layout, DomainLayout):
+            raise TypeError(f"{type(self).__name__} must set the class attribute `layout` to a DomainLayout")
+        self.save_hyperparameters()
         self.fractions = (train_fraction, val_fraction, test_fraction)
         if min(self.fractions) <= 0 or abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError(f"train/val/test fractions {self.fractions} must be positive and sum to 1")
@@ -167,7 +175,7 @@ class DomainTasks(MultiTaskDataModule):
         if unknown or not domains or len(set(domains)) != len(domains):
             raise ValueError(f"{layout.name} domains must be a non-empty list without repeats of "
                              f"{', '.join(layout.domains)}; got {domains}")
-        self.layout, self.domains = layout, domains
+        self.domains = domains
         self.root, self.path = resolve_data_root(root), path
         self.image_size, self.split_seed, self.cache_images = image_size, split_seed, cache_images
 
@@ -257,51 +265,11 @@ class Office31(DomainTasks):
     """Office-31: tasks ``amazon``, ``dslr``, ``webcam`` (31 classes each); arguments as :class:`DomainTasks`, the
     layout excepted (see the module docstring)."""
 
-    def __init__(
-        self,
-        root: str | None = None,
-        path: str | None = None,
-        domains: list[str] | None = None,
-        image_size: int = 224,
-        train_fraction: float = 0.6,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
-        cache_images: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        mode: Mode = "max_size_cycle",
-        eval_mode: Mode = "sequential",
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(OFFICE_31, root, path, domains, image_size, train_fraction, val_fraction, test_fraction,
-                         split_seed, cache_images, batch_size, eval_batch_size, mode, eval_mode, num_workers, seed)
-        self.save_hyperparameters()
+    layout = OFFICE_31
 
 
 class OfficeHome(DomainTasks):
     """Office-Home: tasks ``Art``, ``Clipart``, ``Product``, ``Real_World`` (65 classes each); arguments as
     :class:`DomainTasks`, the layout excepted (see the module docstring)."""
 
-    def __init__(
-        self,
-        root: str | None = None,
-        path: str | None = None,
-        domains: list[str] | None = None,
-        image_size: int = 224,
-        train_fraction: float = 0.6,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
-        cache_images: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        mode: Mode = "max_size_cycle",
-        eval_mode: Mode = "sequential",
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(OFFICE_HOME, root, path, domains, image_size, train_fraction, val_fraction, test_fraction,
-                         split_seed, cache_images, batch_size, eval_batch_size, mode, eval_mode, num_workers, seed)
-        self.save_hyperparameters()
+    layout = OFFICE_HOME
