@@ -4,15 +4,18 @@ resumption (``fit --ckpt_path last``)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
+from lightning_mtl.progress import LineProgress
 
 
 def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str | None:
@@ -73,6 +76,10 @@ class RecipeCLI(LightningCLI):
     the random states of every rank (:class:`~lightning_mtl.checkpointing.RNGStates`), writes checkpoints atomically
     and loads them with ``weights_only=True`` (:class:`~lightning_mtl.checkpointing.AtomicCheckpointIO`; pass
     ``--weights_only false`` only for a trusted checkpoint that pickles other objects).
+
+    When standard output is not a terminal (a log file, a batch job), progress is printed as plain lines
+    (:class:`~lightning_mtl.progress.LineProgress`, one every ``trainer.log_every_n_steps`` steps and one per
+    validation) instead of Lightning's redrawn bar; ``--trainer.enable_progress_bar false`` silences both.
     """
 
     #: metric that selects the best checkpoint (maximised).
@@ -100,7 +107,13 @@ class RecipeCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the config wins
             plugins.append(AtomicCheckpointIO())
-        return super()._instantiate_trainer({**config, "plugins": plugins}, [*callbacks, RNGStates()])
+        callbacks = [*callbacks, RNGStates()]
+        extra = config.get("callbacks") or []
+        given = [*callbacks, *(extra if isinstance(extra, list) else [extra])]
+        if (config.get("enable_progress_bar") is not False and not sys.stdout.isatty()
+                and not any(isinstance(c, ProgressBar) for c in given)):
+            callbacks.append(LineProgress(every_n_steps=config.get("log_every_n_steps") or 50))
+        return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
 
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]
