@@ -95,7 +95,7 @@ def class_major(payload: dict, classes: list[str], shots: int, queries: int, nam
     if classes and max(counts[c] for c in classes) != per_class:
         warnings.warn(
             f"{name}: classes hold {per_class} to {max(counts[c] for c in classes)} images; episodes use the first "
-            f"{per_class} of each.", stacklevel=3
+            f"{per_class} of each.", stacklevel=1
         )
     images = payload["images"].numpy()
     out = np.empty((len(classes), per_class, *images.shape[1:]), dtype=np.uint8)

@@ -191,7 +191,7 @@ def load_cache(path: Path, what: str) -> dict | None:
     except FileNotFoundError:
         return None
     except Exception as e:  # a truncated or foreign file: rebuild rather than fail
-        warnings.warn(f"{what} cache {path} is unreadable ({e}); rebuilding it.", stacklevel=3)
+        warnings.warn(f"{what} cache {path} is unreadable ({e}); rebuilding it.", stacklevel=1)
         return None
 
 

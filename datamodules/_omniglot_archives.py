@@ -203,5 +203,5 @@ class OmniglotArchives:
         except FileNotFoundError:
             return None
         except Exception as e:  # a truncated or foreign file: rebuild rather than fail
-            warnings.warn(f"Omniglot cache {path} is unreadable ({e}); rebuilding it.", stacklevel=3)
+            warnings.warn(f"Omniglot cache {path} is unreadable ({e}); rebuilding it.", stacklevel=1)
             return None

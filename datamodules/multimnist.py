@@ -178,7 +178,7 @@ class MultiMNIST(MultiTaskDataModule):
             warnings.warn(
                 f"MultiMNIST: {reason}; splitting {test_pair[0]} + {test_pair[1]} into train / val / test "
                 f"(split_seed={hp.split_seed}); results are not comparable to the standard 60k/10k protocol.",
-                stacklevel=3,
+                stacklevel=1,
             )
             x, y = read_mnist(*test_pair)
             order = rng.permutation(len(x))

@@ -413,13 +413,13 @@ class _DenseScenes(MultiTaskDataModule):
         if (len(train_idx), len(test_idx)) != self.expected_counts:
             warnings.warn(f"{name}: {self.data_dir} holds {len(train_idx)} train / {len(test_idx)} val samples; the "
                           f"published preprocessed data hold {self.expected_counts[0]} / {self.expected_counts[1]}. "
-                          f"Results are not comparable to the papers' tables.", stacklevel=3)
+                          f"Results are not comparable to the papers' tables.", stacklevel=1)
         test = DenseSceneDataset(self.data_dir / "val", test_idx, folders)
         if self.val_fraction == 0:
             warnings.warn(f"{name}: val_fraction=0, so validation runs on the test split ({self.data_dir / 'val'}), as "
                           f"the MTAN / Nash-MTL / FAMO codes do: val/ metrics are test metrics, and choosing a "
                           f"checkpoint or hyper-parameters by them is selection on the test set. Report --ckpt_path "
-                          f"last, or set val_fraction > 0 to hold out part of train/.", stacklevel=3)
+                          f"last, or set val_fraction > 0 to hold out part of train/.", stacklevel=1)
             train_part, val = train_idx, DenseSceneDataset(self.data_dir / "val", test_idx, folders)
         else:
             order = np.random.default_rng(self.split_seed).permutation(len(train_idx))
