@@ -17,6 +17,7 @@ The position of the training data is the datamodules' part (their ``state_dict``
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import random
@@ -30,7 +31,36 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_warn
+
+
+def save_hyperparameters(module: L.LightningModule, objects: list[str]) -> None:
+    """``module.save_hyperparameters()`` from the calling ``__init__``, with ``objects`` (arguments that are module
+    instances or factories: backbones, optimizers, schedulers) handled so that ``load_from_checkpoint`` rebuilds them.
+
+    Built by LightningCLI (the recipes), the module receives its configuration, in which those arguments are plain
+    ``class_path`` / ``init_args`` dicts: it is kept whole, and ``<Class>.load_from_checkpoint(path)`` re-creates the
+    backbone it was trained with through Lightning's CLI instantiator (``_instantiator`` in the hyper-parameters).
+    Built in Python, the objects themselves cannot be saved as hyper-parameters (their weights are in the state
+    dict): they are left out, and loading needs them passed again (``load_from_checkpoint(path, backbone=...)``).
+    """
+    given = _given_hyperparameters.get() is not None  # set by LightningCLI while it instantiates the model
+    frame = inspect.currentframe().f_back
+    module.save_hyperparameters(ignore=[] if given else list(objects), frame=frame)
+
+
+class WeightsOnlyLoading:
+    """Mixin: ``load_from_checkpoint`` defaults to ``weights_only=True``: our checkpoints hold only tensors and plain
+    values (see :class:`AtomicCheckpointIO`), so loading needs no unpickling of code and Lightning's warning about the
+    default does not apply. Pass ``weights_only=False`` only for a trusted checkpoint that pickles other objects."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs: Any):
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
 
 #: bytes per ``os.write`` call of :class:`AtomicCheckpointIO`.
 CHUNK = 1 << 24

@@ -13,9 +13,10 @@ from torch import Tensor
 from torchmetrics import CatMetric
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import WeightsOnlyLoading
 
 
-class EpisodicModule(L.LightningModule):
+class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
     """Base class of meta-learners trained and evaluated on :class:`~lightning_mtl.batches.Episode` batches.
 
     Subclasses implement :meth:`episode_logits`; this class turns the query logits into the loss (:meth:`episode_loss`,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.maml import MAML
 
 
@@ -102,7 +103,7 @@ class LearnedOptimizer(MAML):
         super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
                          lr_scheduler=lr_scheduler)
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.update_rule = MetaLearnerLSTM(input_bias, forget_bias)
 
     def inner_lr(self, stage: str) -> float:

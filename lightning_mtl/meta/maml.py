@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
 
@@ -61,7 +62,7 @@ class MAML(EpisodicModule):
             raise ValueError(f"{type(self).__name__} needs ways >= 2, got {ways}")
         if inner_steps < 0 or eval_inner_steps < 0:
             raise ValueError(f"inner steps must be >= 0, got {inner_steps} (train) and {eval_inner_steps} (eval)")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0], track_running_stats=False)
         with torch.no_grad():
             features = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]

@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
@@ -122,7 +123,7 @@ class MatchingNetwork(EpisodicModule):
             raise ValueError(f"fce_steps must be >= 1 with full context embeddings, got {fce_steps}")
         if cosine_scale <= 0:
             raise ValueError(f"cosine_scale must be > 0, got {cosine_scale}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
         self.fce = FullContextEmbedding(self._embedding_dim(image_shape), fce_steps) if fce else None
 

@@ -42,6 +42,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.meta.qp import solve_qp
@@ -140,7 +141,7 @@ class MetaOptNet(EpisodicModule):
         if solver_tol < 0 or not 0 <= label_smoothing < 1:
             raise ValueError(f"MetaOptNet needs solver_tol >= 0 and 0 <= label_smoothing < 1, got {solver_tol} and "
                              f"{label_smoothing}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4()
         self.scale = nn.Parameter(torch.tensor(float(init_scale)), requires_grad=learn_scale)
 

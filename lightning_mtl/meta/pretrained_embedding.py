@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode, LabelledBatch
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.meta.protonet import prototypes, squared_euclidean_logits
 from lightning_mtl.nn import Conv4
@@ -110,7 +111,7 @@ class EmbeddingBaseline(EpisodicModule):
             raise ValueError(f"logistic_c must be > 0 and logistic_steps >= 1, got {logistic_c} and {logistic_steps}")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
         was_training = self.backbone.training
         with torch.no_grad():

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
 
@@ -66,7 +67,7 @@ class R2D2(EpisodicModule):
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if init_lambda <= 0:
             raise ValueError(f"R2D2 init_lambda must be positive, got {init_lambda}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4()
         self.log_lambda = nn.Parameter(torch.tensor(math.log(init_lambda)), requires_grad=learn_lambda)
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))

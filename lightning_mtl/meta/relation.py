@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 
@@ -87,7 +88,7 @@ class RelationNetwork(EpisodicModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else RelationEmbedding(image_shape[0])
         maps = self._probe(self.backbone, torch.zeros(2, *image_shape))
         if maps.ndim != 4:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
 
@@ -116,7 +117,7 @@ class Reptile(EpisodicModule):
         if inner_lr <= 0 or outer_lr <= 0 or outer_lr_final < 0:
             raise ValueError(f"need inner_lr > 0, outer_lr > 0, outer_lr_final >= 0; got {inner_lr}, {outer_lr}, "
                              f"{outer_lr_final}")
-        self.save_hyperparameters(ignore=["backbone"])
+        save_hyperparameters(self, ["backbone"])
         self.automatic_optimization = False
         backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0], track_running_stats=False)
         with torch.no_grad():

@@ -33,6 +33,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
+from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
@@ -102,7 +103,7 @@ class SiameseNetwork(EpisodicModule):
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if pairs not in ("balanced", "all"):
             raise ValueError(f"pairs must be 'balanced' or 'all', got {pairs!r}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
         training = self.backbone.training
         self.backbone.eval()  # a probe must not move BatchNorm running statistics

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from lightning_mtl.batches import MultiTaskBatch
+from lightning_mtl.checkpointing import WeightsOnlyLoading, save_hyperparameters
 from lightning_mtl.mtl import gradients as G
 from lightning_mtl.mtl import paths
 from lightning_mtl.mtl.architectures import Architecture, ArchitectureCallable, HardSharing
@@ -31,7 +32,7 @@ from lightning_mtl.mtl.tasks import ClassificationTask, Task
 VMAP_MAX_TASKS = 8  # jacobian="auto" uses the vmapped task Jacobian on CUDA up to this many tasks
 
 
-class MultiTaskModule(L.LightningModule):
+class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
     """Multi-task model: an architecture, one :class:`~lightning_mtl.mtl.tasks.Task` per name and a balancing method.
 
     Each training step computes the task losses, then hands them to the balancing path of the balancer's kind
@@ -106,8 +107,8 @@ class MultiTaskModule(L.LightningModule):
                             ("lr_scheduler_interval", lr_scheduler_interval)):
             if value not in choices[name]:
                 raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
-        ignore = ["tasks", "architecture", "backbone", "optimizer", "lr_scheduler"]
-        self.save_hyperparameters(ignore=ignore if isinstance(balancer, str) else [*ignore, "balancer"])
+        objects = ["tasks", "architecture", "backbone", "optimizer", "lr_scheduler"]
+        save_hyperparameters(self, objects if isinstance(balancer, str) else [*objects, "balancer"])
         self.automatic_optimization = False
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._balancer_spec = balancer

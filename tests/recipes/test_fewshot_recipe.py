@@ -194,3 +194,23 @@ def test_default_wandb_logger_goes_offline_and_logs(data_env, tmp_path, monkeypa
                       "--trainer.enable_progress_bar=false"])
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_recipe_checkpoint_loads_in_plain_python_with_its_own_backbone(data_env, tmp_path):
+    """A checkpoint of the recipe rebuilds the backbone it was trained with (here not the default Conv-4: 32 channels
+    instead of 64) through ``load_from_checkpoint(path)`` alone, weights-only, and without a warning."""
+    import warnings
+
+    from lightning_mtl.meta import ProtoNet
+
+    args = small_run_args(tmp_path, steps=2) + [
+        "--model.backbone.init_args.hidden_channels=32",
+        "--model.backbone.init_args.out_channels=32", "--data.train_ways=5"]
+    fit = fewshot.main(["fit", *args])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = ProtoNet.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
+    trained = fit.model.state_dict()
+    assert loaded.backbone.features[0].out_channels == 32
+    assert trained.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in loaded.state_dict().items())
