@@ -85,6 +85,12 @@ class RecipeCLI(LightningCLI):
     #: metric that selects the best checkpoint (maximised).
     monitor: str = "val/acc"
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``: ``predict`` is not offered, as no recipe defines what a prediction of
+        an episode or a multi-task batch is written to (Lightning's default would fail at ``predict_dataloader``)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RecipeCheckpoint, "checkpoint")
         parser.set_defaults({

@@ -260,3 +260,12 @@ def test_users_own_architecture_task_and_balancer_run_through_the_recipe(data_en
     # the regression task's error metric is lower-is-better: the file says so, and the monitor negates it
     assert written["higher_is_better"] == {"left/acc": True, "right/mae": False}
     assert "test/right/mae" in written
+
+
+def test_predict_is_not_offered(capsys):
+    with pytest.raises(SystemExit):
+        multitask.main(["--help"])
+    assert "predict" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        multitask.main(["predict", "--config", str(CONFIGS[0])])
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
