@@ -287,6 +287,22 @@ def ways_above_classes(tmp: Path) -> None:
     prepared(image_folder(tmp, eval_ways=2))  # val and test hold 1 class each
 
 
+class StepCounter(L.Callback):
+    """Fails the test if a training step ran before the error under test."""
+
+    def on_train_batch_start(self, *args) -> None:
+        raise AssertionError("a training step ran before the configuration error was raised")
+
+
+def maml_eval_ways_not_the_head(tmp: Path) -> None:
+    """MAML's head is sized for model.ways; 1-way evaluation episodes would fail at the first validation, after
+    training: refused in on_fit_start."""
+    class_folders(tmp / "toy")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[StepCounter()])
+    trainer.fit(MAML(ways=2, image_shape=(1, 16, 16)), datamodule=image_folder(tmp, eval_ways=1, image_size=16))
+
+
 def omniglot_split_naming_missing_character(tmp: Path) -> None:
     fake_omniglot(tmp)
     with open(tmp / "omniglot" / "splits" / "vinyals" / "test.txt", "a") as f:
@@ -576,7 +592,11 @@ CASES = [
          "ProtoNet expected an Episode, got MultiTaskBatch; yield lightning_mtl.Episode batches from the datamodule "
          "(an episodic one, e.g. OmniglotEpisodes)."),
     Case("maml_ways_not_the_episodes", lambda tmp: MAML(ways=5).episode_logits(episode(ways=3), "train"), ValueError,
-         "episodes are 3-way but the MAML head has 5 outputs; set model ways to the datamodule's ways (3)."),
+         "episodes are 3-way but the MAML head has 5 outputs; give the model and every stage of the datamodule the "
+         "same ways (--model.ways, --data.train_ways, --data.eval_ways)."),
+    Case("maml_eval_ways_not_the_head_before_training", maml_eval_ways_not_the_head, ValueError,
+         "data.eval_ways=1 but MAML's head has model.ways=2 outputs, and one head serves every stage: set "
+         "--data.eval_ways 2."),
     Case("maml_image_shape_not_the_episodes", lambda tmp: MAML(ways=2).episode_logits(episode(size=14), "train"),
          ValueError,
          "episodes hold images of shape (1, 14, 14) but the head was sized for image_shape (1, 28, 28); set model "

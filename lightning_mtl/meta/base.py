@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import CatMetric
@@ -35,6 +36,37 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.episode_accs = torch.nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
+
+    #: ways the model is built for (a head sized for them, as MAML's and Reptile's), or None if any number works.
+    fixed_ways: int | None = None
+
+    def _check_episode_ways(self, stages: tuple[str, ...]) -> None:
+        """Refuse, before the first step, a datamodule whose episodes of ``stages`` have other ways than
+        :attr:`fixed_ways` (otherwise a MAML run trains, then fails at its first validation)."""
+        ways = self.fixed_ways
+        episodes = getattr(getattr(self.trainer, "datamodule", None), "episodes", None)
+        if ways is None or not callable(getattr(episodes, "shape", None)):
+            return
+        for stage in stages:
+            if stage == "train" and getattr(episodes, "train_mode", "episodes") != "episodes":
+                continue
+            data_ways = episodes.shape(stage)[0]
+            if data_ways != ways:
+                key = "train_ways" if stage == "train" else "eval_ways"
+                other = (f", or train for {data_ways}-way episodes with --model.ways {data_ways} --data.train_ways "
+                         f"{data_ways} --data.eval_ways {data_ways}" if data_ways >= 2 else "")
+                raise ValueError(f"data.{key}={data_ways} but {type(self).__name__}'s head has model.ways={ways} "
+                                 f"outputs, and one head serves every stage: set --data.{key} {ways}{other}.")
+
+    def on_fit_start(self) -> None:
+        self._check_episode_ways(("train", "val"))
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.VALIDATING:  # `validate`; a fit was checked in on_fit_start
+            self._check_episode_ways(("val",))
+
+    def on_test_start(self) -> None:
+        self._check_episode_ways(("test",))
 
     # ---------------------------------------------------------------- to implement
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:

@@ -44,6 +44,10 @@ class MAML(EpisodicModule):
         lr_scheduler: outer scheduler factory, stepped every meta-batch.
     """
 
+    @property
+    def fixed_ways(self) -> int:
+        return self.hparams.ways
+
     def __init__(
         self,
         ways: int = 5,
@@ -101,7 +105,8 @@ class MAML(EpisodicModule):
         if episode.ways != self.hparams.ways:
             raise ValueError(
                 f"episodes are {episode.ways}-way but the {type(self).__name__} head has {self.hparams.ways} outputs; "
-                f"set model ways to the datamodule's ways ({episode.ways})."
+                f"give the model and every stage of the datamodule the same ways (--model.ways, --data.train_ways, "
+                f"--data.eval_ways)."
             )
         hp = self.hparams
         if tuple(episode.support_x.shape[-3:]) != tuple(hp.image_shape):

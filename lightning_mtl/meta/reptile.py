@@ -87,6 +87,10 @@ class Reptile(EpisodicModule):
             or step sizes.
     """
 
+    @property
+    def fixed_ways(self) -> int:
+        return self.hparams.ways
+
     def __init__(
         self,
         ways: int = 5,
@@ -204,8 +208,8 @@ class Reptile(EpisodicModule):
         hp = self.hparams
         if episode.ways != hp.ways:
             raise ValueError(
-                f"episodes are {episode.ways}-way but the Reptile head has {hp.ways} outputs; set model ways to the "
-                f"datamodule's ways ({episode.ways})."
+                f"episodes are {episode.ways}-way but the Reptile head has {hp.ways} outputs; give the model and "
+                f"every stage of the datamodule the same ways (--model.ways, --data.train_ways, --data.eval_ways)."
             )
         if tuple(episode.support_x.shape[-3:]) != tuple(hp.image_shape):
             raise ValueError(
