@@ -185,6 +185,10 @@ class RecipeCheckpoint(ModelCheckpoint):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if trainer.fast_dev_run:
+            # a debugging run leaves a previous run's checkpoints alone: Lightning skips its other saves under
+            # fast_dev_run, but (2.6) still writes last.ckpt in on_train_end, orphaning the previous best
+            return
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_written_at = trainer.global_step
 

@@ -12,7 +12,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
 from lightning_mtl.progress import LineProgress
@@ -29,6 +29,9 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
     Raises:
         ValueError: ``dirpath`` is not set.
         FileNotFoundError: ``last.ckpt``, the best checkpoint it names, or the local file ``ckpt_path`` does not exist.
+
+    Warns:
+        UserWarning: ``best`` for a fit that never validated (no best checkpoint): ``last.ckpt`` is used.
     """
     if ckpt_path not in ("best", "last"):
         text = str(ckpt_path or "")  # "hpc", "registry[:...]" and URLs are Lightning's to resolve
@@ -47,7 +50,12 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
     state = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]
     best = next((s["best_model_path"] for k, s in state.items() if k.startswith(("RecipeCheckpoint",
                                                                                    "ModelCheckpoint"))), "")
-    if not best or not Path(best).exists():
+    if not best:  # the fit that wrote last.ckpt never validated: there is no best, and last is all there is
+        rank_zero_warn(f"--ckpt_path best: the fit that wrote {last} never validated (a run shorter than "
+                       f"trainer.val_check_interval, or without validation), so it kept no best checkpoint; using "
+                       f"last.ckpt. Validate during fit to select a best checkpoint.")
+        return str(last)
+    if not Path(best).exists():
         raise FileNotFoundError(f"--ckpt_path best: {last} names no existing best checkpoint ({best!r}); pass "
                                 f"--ckpt_path last or a checkpoint file, or run `fit` again.")
     rank_zero_info(f"best checkpoint: {best}")
@@ -133,6 +141,12 @@ class RecipeCLI(LightningCLI):
 
     # these hooks run only when the subcommand has returned on this rank: end the process group (see end_distributed)
     def after_fit(self) -> None:
+        checkpoint = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, RecipeCheckpoint)), None)
+        if (checkpoint is not None and not self.trainer.fast_dev_run and checkpoint.monitor
+                and not checkpoint.best_model_path and self.trainer.global_step > 0):
+            rank_zero_warn(f"fit ended at step {self.trainer.global_step} without a validation, so no best checkpoint "
+                           f"was kept (only {checkpoint.dirpath}/last.ckpt); `--ckpt_path best` will use last.ckpt. "
+                           f"Set trainer.val_check_interval <= trainer.max_steps to validate.")
         end_distributed()
 
     def after_validate(self) -> None:

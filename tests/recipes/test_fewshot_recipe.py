@@ -214,3 +214,23 @@ def test_recipe_checkpoint_loads_in_plain_python_with_its_own_backbone(data_env,
     assert loaded.backbone.features[0].out_channels == 32
     assert trained.keys() == loaded.state_dict().keys()
     assert all(torch.equal(trained[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_fast_dev_run_leaves_a_previous_runs_checkpoints_alone(data_env, tmp_path):
+    args = small_run_args(tmp_path, steps=2)
+    fewshot.main(["fit", *args])
+    ckpts = tmp_path / "ckpt"
+    before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
+    assert "last.ckpt" in before and any(name.startswith("best-") for name in before)
+    fewshot.main(["fit", *args, "--trainer.fast_dev_run=true"])
+    assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before
+    fewshot.main(["test", *args, "--ckpt_path=best"])  # still the first run's best checkpoint
+
+
+def test_fit_without_validation_says_so_and_best_falls_back_to_last(data_env, tmp_path):
+    args = small_run_args(tmp_path, steps=2) + ["--trainer.val_check_interval=5"]
+    with pytest.warns(UserWarning, match="fit ended at step 2 without a validation, so no best checkpoint"):
+        fewshot.main(["fit", *args])
+    with pytest.warns(UserWarning, match="never validated .* using last.ckpt"):
+        test = fewshot.main(["test", *args, "--ckpt_path=best"])
+    assert test.trainer.callback_metrics["test/episodes"] == 50
