@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
-from lightning_mtl.progress import LineProgress
+from lightning_mtl.progress import IntervalBar, LineProgress
 
 
 def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str | None:
@@ -124,9 +124,9 @@ class RecipeCLI(LightningCLI):
         callbacks = [*callbacks, RNGStates()]
         extra = config.get("callbacks") or []
         given = [*callbacks, *(extra if isinstance(extra, list) else [extra])]
-        if (config.get("enable_progress_bar") is not False and not sys.stdout.isatty()
-                and not any(isinstance(c, ProgressBar) for c in given)):
-            callbacks.append(LineProgress(every_n_steps=config.get("log_every_n_steps") or 50))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(IntervalBar() if sys.stdout.isatty()
+                             else LineProgress(every_n_steps=config.get("log_every_n_steps") or 50))
         return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
 
     def _resolve_ckpt_path(self) -> None:

@@ -9,7 +9,8 @@ as a callback anywhere::
     validation at step 500 | val/acc 0.9512 ± 0.0051 | val/loss 0.1502
 
 A metric ``m`` logged with a ``m_ci95`` companion (the few-shot modules' episode accuracy) is shown as
-``m ± ci95``. Only rank 0 prints.
+``m ± ci95``. Only rank 0 prints. On a terminal the recipes keep Lightning's bar, as :class:`IntervalBar`, which
+shows ``val/acc`` with its interval the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from torch import Tensor
 
@@ -43,6 +45,25 @@ def format_metrics(metrics: dict, prefix: str = "") -> str:
             text += f" ± {values[f'{name}_ci95']:.2g}"
         parts.append(text)
     return " | ".join(parts)
+
+
+def merge_intervals(metrics: dict) -> dict:
+    """``metrics`` with every ``m`` that has an ``m_ci95`` companion shown as ``"<m> ± <ci95>"`` and the companion
+    dropped (a progress bar's postfix)."""
+    out = dict(metrics)
+    for name in [k for k in metrics if k.endswith("_ci95") and k[: -len("_ci95")] in metrics]:
+        base, ci = name[: -len("_ci95")], out.pop(name)
+        value, ci = (v.item() if isinstance(v, Tensor) else v for v in (metrics[base], ci))
+        if isinstance(value, (int, float)) and isinstance(ci, (int, float)):
+            out[base] = f"{value:.4g} ± {ci:.2g}"
+    return out
+
+
+class IntervalBar(TQDMProgressBar):
+    """Lightning's bar, with ``val/acc ± ci95`` (any metric with a ``_ci95`` companion) in one field."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return merge_intervals(super().get_metrics(trainer, pl_module))
 
 
 def _clock(seconds: float) -> str:

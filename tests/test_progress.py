@@ -63,3 +63,11 @@ def test_recipe_writing_to_a_file_prints_plain_lines(omniglot_root, cache_dir, t
     assert "fit step 2/4 (50%)" in proc.stdout and "fit step 4/4 (100%)" in proc.stdout
     assert "validation at step 4 | " in proc.stdout and "val/metric_mean" in proc.stdout
     assert "\r" not in proc.stdout + proc.stderr and "\x1b[" not in proc.stdout
+
+
+def test_the_terminal_bar_shows_accuracy_with_its_interval():
+    from lightning_mtl.progress import merge_intervals
+
+    merged = merge_intervals({"val/acc": torch.tensor(0.95123), "val/acc_ci95": torch.tensor(0.00512),
+                              "train/loss": 0.3, "v_num": "x"})
+    assert merged == {"val/acc": "0.9512 ± 0.0051", "train/loss": 0.3, "v_num": "x"}

@@ -145,7 +145,7 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         ci95 = 1.96 * accs.std(unbiased=False) / math.sqrt(n) if n > 1 else torch.zeros((), device=self.device)
         # already identical on every rank; sync_dist only silences Lightning's epoch-level DDP warning
         self.log(f"{stage}/acc", mean, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/acc_ci95", ci95, sync_dist=True)
+        self.log(f"{stage}/acc_ci95", ci95, prog_bar=True, sync_dist=True)  # the bar shows "acc ± ci95"
         return mean, ci95, n
 
     def on_validation_epoch_end(self) -> None:
