@@ -4,7 +4,9 @@ resumption (``fit --ckpt_path last``)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +76,35 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silence, narrowly, the notices Lightning prints on every recipe run that no user can act on:
+
+    * "You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a
+      `LightningDataModule`": the episodic modules move an ``Episode``'s tensors themselves on purpose (one call per
+      tensor, no generic traversal); the notice states exactly what is meant to happen.
+    * "Your `IterableDataset` has `__len__` defined ...": our training streams give every worker its own meta-batches
+      (``EpisodeStream`` shards by worker), so their length is exact with any number of workers; Lightning warns
+      whenever an iterable dataset has a length, even with 0 workers.
+    * Lightning's advertisement for another product ("💡 Tip: ... litlogger"), an info log on every fit.
+    * Deprecation notices raised inside Lightning and jsonargparse by their own calls (``LeafSpec`` from torch's
+      pytree, ``skip_none``), which only their next releases can fix.
+    """
+    for message in (r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
+                    r"`LightningDataModule`",
+                    r"Your `IterableDataset` has `__len__` defined",
+                    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                    r"\s*skip_none parameter was deprecated"):
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info writes
+    if not any(isinstance(f, _DropTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropTips())
+
+
 class RecipeCLI(LightningCLI):
     """LightningCLI with a ``checkpoint`` group (best by :attr:`monitor` and last), the W&B logger of
     :mod:`lightning_mtl.loggers` by default, and ``--ckpt_path best|last`` for ``test``/``validate`` in a fresh
@@ -92,6 +123,10 @@ class RecipeCLI(LightningCLI):
 
     #: metric that selects the best checkpoint (maximised).
     monitor: str = "val/acc"
+
+    def __init__(self, *args, **kwargs) -> None:
+        quiet_lightning()
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

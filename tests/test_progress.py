@@ -45,7 +45,7 @@ def test_lines_every_n_steps_the_last_step_and_each_validation(capsys):
         LineProgress(every_n_steps=0)
 
 
-def test_recipe_writing_to_a_file_prints_plain_lines(omniglot_root, cache_dir, tmp_path):
+def test_recipe_writing_to_a_file_prints_plain_lines_and_no_notices(omniglot_root, cache_dir, tmp_path):
     """stdout is a pipe here, as in `make demo > log`: no redrawn bar, no carriage returns, no escape codes."""
     if not (omniglot_root / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("real MNIST t10k files absent under the data root")
@@ -63,6 +63,9 @@ def test_recipe_writing_to_a_file_prints_plain_lines(omniglot_root, cache_dir, t
     assert "fit step 2/4 (50%)" in proc.stdout and "fit step 4/4 (100%)" in proc.stdout
     assert "validation at step 4 | " in proc.stdout and "val/metric_mean" in proc.stdout
     assert "\r" not in proc.stdout + proc.stderr and "\x1b[" not in proc.stdout
+    # notices no user can act on (lightning_mtl.cli.quiet_lightning says why each one is wrong here)
+    for notice in ("litlogger", "transfer_batch_to_device", "LeafSpec", "skip_none"):
+        assert notice not in proc.stdout + proc.stderr, notice
 
 
 def test_the_terminal_bar_shows_accuracy_with_its_interval():
