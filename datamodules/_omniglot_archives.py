@@ -72,6 +72,14 @@ class OmniglotArchives:
         return None
 
     def check_root(self) -> None:
+        """A missing data root is created when downloading is on (the downloads fill it); otherwise an error says
+        where the archives go."""
+        if not self.root.is_dir() and self.download:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise FileNotFoundError(f"Omniglot data root {self.root} does not exist and cannot be created ({e}). "
+                                        f"Pass --data.root or set $LIGHTNING_MTL_DATA to a writable folder.") from e
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"Omniglot data root {self.root} does not exist. Pass --data.root, set $LIGHTNING_MTL_DATA, or create "

@@ -216,6 +216,12 @@ def test_omniglot_downloads_verified_files(omniglot_server, tmp_path):
     assert leftovers(tmp_path / "root" / "omniglot") == []
 
 
+def test_omniglot_missing_root_is_created_and_filled_when_downloading(omniglot_server, tmp_path):
+    root = tmp_path / "data"  # as ./data on a first run: not there yet
+    d = ready(omniglot_dm(root, tmp_path / "cache", download=True))
+    assert d.num_classes("train") == 8 and (root / "omniglot" / "images_background.zip").is_file()
+
+
 def test_omniglot_corrupted_download_never_lands(omniglot_server, tmp_path):
     url = _omniglot_archives.ARCHIVE_URL.format(name="images_evaluation")
     omniglot_server[url] = omniglot_server[url][:-100] + b"\0" * 100  # same length, other bytes
