@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -116,6 +117,8 @@ class RecipeCLI(LightningCLI):
     and loads them with ``weights_only=True`` (:class:`~lightning_mtl.checkpointing.AtomicCheckpointIO`; pass
     ``--weights_only false`` only for a trusted checkpoint that pickles other objects).
 
+    Classes of the user's own modules in the current folder are found without ``PYTHONPATH``.
+
     When standard output is not a terminal (a log file, a batch job), progress is printed as plain lines
     (:class:`~lightning_mtl.progress.LineProgress`, one every ``trainer.log_every_n_steps`` steps and one per
     validation) instead of Lightning's redrawn bar; ``--trainer.enable_progress_bar false`` silences both.
@@ -126,6 +129,10 @@ class RecipeCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         quiet_lightning()
+        # `python recipes/x.py` puts recipes/ on sys.path, not the folder it runs in: a user's own module there
+        # (`class_path: my_module.MyArchitecture`) is found without PYTHONPATH, as with `python -m`
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         super().__init__(*args, **kwargs)
 
     @staticmethod

@@ -269,3 +269,20 @@ def test_predict_is_not_offered(capsys):
     with pytest.raises(SystemExit):
         multitask.main(["predict", "--config", str(CONFIGS[0])])
     assert "invalid choice: 'predict'" in capsys.readouterr().err
+
+
+def test_users_module_in_the_current_folder_needs_no_pythonpath(data_env, tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "my_mtl.py").write_text(USER_MODULE)
+    config = tmp_path / "mine.yaml"
+    config.write_text((REPO / "recipes" / "configs" / "multimnist" / "hps_equal_quick.yaml").read_text().replace(
+        "    balancer: equal\n", "    balancer:\n      class_path: my_mtl.Halves\n      init_args:\n        factor: 0.5\n"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(RECIPE), "fit", "--config", str(config), "--trainer.max_steps=1",
+                           "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                           "--trainer.max_time=null", "--data.batch_size=8", f"--checkpoint.dirpath={tmp_path}/ckpt"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
