@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
@@ -77,6 +78,66 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+          "Expected a <class 'NoneType'>", "Expected a <class 'str'>", "Problem with given class_path")
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's nested union report reduced to its leaves, each with the option's dotted key, e.g.
+    ``model.balancer.c: Expected a <class 'float'>. Got value: abc.`` (the full report: ``JSONARGPARSE_DEBUG=1``)."""
+    stack: list[tuple[int, str]] = []
+    out: list[str] = []
+    for line in message.splitlines():
+        text = line.strip()
+        indent = len(line) - len(line.lstrip(" -"))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        for key in re.findall(r'Parser key "([^"]+)":', text):
+            stack.append((indent, key))
+        text = re.sub(r'^.*Parser key "[^"]+":', "", text).strip().lstrip("- ").strip()
+        if not text or text.startswith(_NOISE) or text.endswith("expects a function or a callable class:"):
+            continue
+        text = re.sub(r"(\. Got value: [^.]*)\. Got value: Namespace\(.*$", r"\1.", text)
+        key = ".".join(k for _, k in stack if k not in ("init_args",))
+        out.append(f"{key}: {text}" if key and not text.startswith(key) else text)
+    return "\n".join(dict.fromkeys(out)) or message
+
+
+class RecipeParser(LightningArgumentParser):
+    """Parse errors in a few lines: the option's key and what is wrong, not the whole usage and union report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        text = condense_parser_error(message)
+        named = re.search(r"balancer: Expected a dot import path string: (\w+)", text)
+        if named:
+            from lightning_mtl.mtl.balancing import balancer_class, list_balancers
+
+            if named.group(1) in list_balancers():
+                cls = balancer_class(named.group(1))
+                text += (f"\n'{named.group(1)}' is a registered name and takes no arguments; to give arguments, name "
+                         f"its class: --model.balancer {cls.__name__} (or class_path {cls.__module__}.{cls.__name__}"
+                         f" in YAML) with --model.balancer.init_args.<name> <value>")
+        sys.stderr.write(f"error: {text}\n(`{prog} --help` lists the options; "
+                         f"`--model.help CLASS` or `--data.help CLASS` the arguments of a class)\n")
+        sys.exit(2)
+
+
+def run(main) -> None:
+    """Run a recipe's ``main``: an error of the configuration (see :meth:`RecipeCLI.instantiate_classes`) is printed
+    as one ``error:`` message, without traceback."""
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if not getattr(e, "configuration_error", False):
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip")
@@ -133,7 +194,23 @@ class RecipeCLI(LightningCLI):
         # (`class_path: my_module.MyArchitecture`) is found without PYTHONPATH, as with `python -m`
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
+        kwargs.setdefault("parser_class", RecipeParser)
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a failure caused by a bad setting (a ``ValueError`` / ``TypeError`` /
+        ``FileNotFoundError`` raised by a constructor, which jsonargparse wraps in reports on every union member) is
+        re-raised alone, marked ``configuration_error`` (:func:`run` prints its message without traceback)."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # noqa: BLE001 - re-raised, either as it is or as its root cause
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if not isinstance(root, (ValueError, TypeError, FileNotFoundError)):
+                raise
+            root.configuration_error = True
+            raise root.with_traceback(None) from None
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -14,7 +14,7 @@ fresh process after ``fit``. A NaN/Inf loss never reaches the weights: the step 
 from __future__ import annotations
 
 from lightning_mtl.callbacks import EpisodeThroughput, NonFiniteGuard
-from lightning_mtl.cli import RecipeCLI
+from lightning_mtl.cli import RecipeCLI, run
 from lightning_mtl.meta import EpisodicModule
 
 
@@ -33,4 +33,4 @@ def main(args: list[str] | None = None) -> FewShotCLI:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,7 +13,7 @@ Model and data are chosen by ``class_path`` in the YAML; ``model.balancer`` name
 
 from __future__ import annotations
 
-from lightning_mtl.cli import RecipeCLI
+from lightning_mtl.cli import RecipeCLI, run
 from lightning_mtl.mtl import MultiTaskModule
 
 
@@ -27,4 +27,4 @@ def main(args: list[str] | None = None) -> MultiTaskCLI:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -695,17 +695,17 @@ QUICK = ("model:\n  class_path: lightning_mtl.meta.ProtoNet\n"
          "data:\n  class_path: lightning_mtl.datamodules.OmniglotEpisodes\n")
 CLI_CASES = [
     CliCase("yaml_unknown_init_arg", QUICK + "  init_args:\n    wayz: 5\n", (),
-            "Option 'wayz' is not accepted"),
+            "error: data: Option 'wayz' is not accepted"),
     CliCase("yaml_unknown_top_level_key", QUICK + "lr_sheduler: null\n", (),
             "error: Option 'lr_sheduler' is not accepted"),
     CliCase("yaml_wrong_type", QUICK + "  init_args:\n    train_ways: five\n", (),
-            "Expected a <class 'int'>. Got value: five"),
+            "error: data.train_ways: Expected a <class 'int'>. Got value: five"),
     CliCase("unknown_method_class", QUICK, ("--model.class_path=lightning_mtl.meta.ProtoNett",),
-            "module 'lightning_mtl.meta' has no attribute 'ProtoNett'"),
+            "error: model: module 'lightning_mtl.meta' has no attribute 'ProtoNett'"),
     CliCase("unknown_backbone_class", QUICK, ("--model.backbone.class_path=lightning_mtl.nn.Conv5",),
-            "module 'lightning_mtl.nn' has no attribute 'Conv5'"),
+            "error: model.backbone: module 'lightning_mtl.nn' has no attribute 'Conv5'"),
     CliCase("unknown_subcommand", QUICK, ("fitt",),
-            "error: argument subcommand: invalid choice: 'fitt' (choose from 'fit', 'validate', 'test', 'predict')"),
+            "error: argument subcommand: invalid choice: 'fitt' (choose from 'fit', 'validate', 'test')"),
 ]
 
 
@@ -722,6 +722,7 @@ def test_bad_command_line(case: CliCase, tmp_path: Path, capsys, monkeypatch):
     assert info.value.code == 2
     lines = [line.strip() for line in capsys.readouterr().err.splitlines()]
     assert case.line in lines, "\n".join(lines[-15:])
+    assert len(lines) <= 4, "\n".join(lines)  # the message, not the usage and jsonargparse's union report
 
 
 def test_ckpt_best_before_fit_fails_before_data(tmp_path: Path, monkeypatch):
@@ -751,3 +752,33 @@ def test_true_precision_takes_uint8_images(make):
         warnings.simplefilter("ignore")
         fit(model, batch, precision="bf16-true")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("--model.balancer=pcgard",),
+     "error: unknown balancing method 'pcgard'; valid names: {balancers} (or the class path of a LossWeighting or "
+     "GradientAggregator subclass)"),
+    (("--model.balancer=lightning_mtl.mtl.balancing.aggregators.CAGrad", "--model.balancer.init_args.c=abc"),
+     "error: model.balancer.c: Expected a <class 'float'>. Got value: abc."),
+    (("--model.balancer=cagrad", "--model.balancer.init_args.c=0.3"),
+     "'cagrad' is a registered name and takes no arguments; to give arguments, name its class: --model.balancer "
+     "CAGrad (or class_path lightning_mtl.mtl.balancing.aggregators.CAGrad in YAML) with "
+     "--model.balancer.init_args.<name> <value>"),
+])
+def test_multitask_balancer_mistakes_are_one_message_before_any_data(args, expected, tmp_path, capsys, monkeypatch):
+    """A misspelled balancer, a wrong-typed argument, arguments given to a registered name: a few lines naming the
+    option and the fix, printed by the recipe's entry point without a traceback (before: 72 lines, two chained
+    tracebacks and a Namespace dump)."""
+    from lightning_mtl.cli import run
+
+    multitask = load_recipe("multitask")
+    monkeypatch.setattr(sys, "argv", ["multitask.py"])
+    monkeypatch.setenv("LIGHTNING_MTL_DATA", str(tmp_path / "no_data_here"))  # fails before reading data
+    config = REPO / "recipes" / "configs" / "multimnist" / "hps_equal_quick.yaml"
+    with pytest.raises(SystemExit) as info:
+        run(lambda: multitask.main(["fit", "--config", str(config), *args, "--trainer.logger=false"]))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    assert expand(expected, tmp_path) in lines and len(lines) <= 3, err
+    assert "Traceback" not in err
