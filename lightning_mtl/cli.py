@@ -3,6 +3,8 @@ resumption (``fit --ckpt_path last``)."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import logging
 import os
@@ -12,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
@@ -126,6 +129,27 @@ class RecipeParser(LightningArgumentParser):
         sys.exit(2)
 
 
+def one_line(obj: object, width: int = 88) -> str:
+    """The first sentence of ``obj``'s docstring, cut to ``width`` characters."""
+    doc = " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
+    sentence = re.split(r"(?<!e\.g)(?<!i\.e)(?<=[a-z0-9)])\. ", doc)[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[: width - 3].rstrip() + "..."
+
+
+def catalogue_text(sections: dict[str, dict[str, object]]) -> str:
+    """``sections`` (title → {name: class}) as the help's catalogue: one line per name."""
+    width = max((len(name) for entries in sections.values() for name in entries), default=0) + 2
+    blocks = []
+    for title, entries in sections.items():
+        lines = [f"  {name:<{width}}{one_line(obj)}" for name, obj in entries.items()]
+        blocks.append(f"{title}:\n" + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+class _CatalogueFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the catalogue's lines as written."""
+
+
 def run(main) -> None:
     """Run a recipe's ``main``: an error of the configuration (see :meth:`RecipeCLI.instantiate_classes`) is printed
     as one ``error:`` message, without traceback."""
@@ -195,7 +219,20 @@ class RecipeCLI(LightningCLI):
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         kwargs.setdefault("parser_class", RecipeParser)
+        sections = self.catalogue()
+        if sections:  # `recipe.py --help` lists what exists, one line each
+            parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+            recipe = sys.modules.get(type(self).__module__) or type(self)  # the recipe script's docstring
+            parser_kwargs.setdefault("description", f"{one_line(recipe).rstrip('.')}.\n\n"
+                                     f"{catalogue_text(sections)}\n\nPer class: `fit --model.help CLASS`, "
+                                     f"`fit --data.help CLASS`.")
+            parser_kwargs.setdefault("formatter_class", _CatalogueFormatter)
+            kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
+
+    def catalogue(self) -> dict[str, dict[str, object]]:
+        """What ``--help`` lists: section title → {name: class or module}. Recipes override it."""
+        return {}
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a failure caused by a bad setting (a ``ValueError`` / ``TypeError`` /

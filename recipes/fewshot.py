@@ -21,6 +21,23 @@ from lightning_mtl.meta import EpisodicModule
 class FewShotCLI(RecipeCLI):
     monitor = "val/acc"
 
+    def catalogue(self) -> dict[str, dict[str, object]]:
+        import lightning_mtl.datamodules as data
+        import lightning_mtl.meta as meta
+        import lightning_mtl.nn as backbones
+
+        def subclasses(module, base) -> dict[str, object]:
+            return {n: getattr(module, n) for n in sorted(module.__all__)
+                    if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base)
+                    and getattr(module, n) is not base}
+
+        return {"models (--model)": subclasses(meta, EpisodicModule),
+                "episodic datamodules (--data)": {n: getattr(data, n) for n in ("OmniglotEpisodes",
+                                                  "MiniImageNetEpisodes", "ImageFolderEpisodes",
+                                                  "TaskDatasetEpisodes")},
+                "backbones and building blocks (--model.backbone; lightning_mtl.nn)":
+                    {n: getattr(backbones, n) for n in backbones.__all__}}
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(EpisodeThroughput, "throughput")

@@ -20,6 +20,24 @@ from lightning_mtl.mtl import MultiTaskModule
 class MultiTaskCLI(RecipeCLI):
     monitor = "val/metric_mean"
 
+    def catalogue(self) -> dict[str, dict[str, object]]:
+        import lightning_mtl.datamodules as data
+        import lightning_mtl.mtl.tasks as tasks
+        import lightning_mtl.nn as backbones
+        from lightning_mtl.mtl.architectures import list_architectures
+        from lightning_mtl.mtl.balancing import balancer_class, list_balancers
+
+        datamodules = {n: getattr(data, n) for n in data.__all__ if isinstance(getattr(data, n), type)
+                       and issubclass(getattr(data, n), data.MultiTaskDataModule) and n != "MultiTaskDataModule"}
+        return {"datamodules (--data)": datamodules,
+                "architectures (--model.architecture)": list_architectures(),
+                "balancers (--model.balancer; a name, or its class with arguments)":
+                    {n: balancer_class(n) for n in list_balancers()},
+                "tasks (--model.tasks; or from the datamodule)": {n: getattr(tasks, n) for n in tasks.__all__
+                                                                  if n not in ("Task", "DenseTask")},
+                "backbones and building blocks (lightning_mtl.nn)":
+                    {n: getattr(backbones, n) for n in backbones.__all__}}
+
 
 def main(args: list[str] | None = None) -> MultiTaskCLI:
     return MultiTaskCLI(MultiTaskModule, subclass_mode_model=True, subclass_mode_data=True, args=args,

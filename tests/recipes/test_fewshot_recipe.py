@@ -234,3 +234,20 @@ def test_fit_without_validation_says_so_and_best_falls_back_to_last(data_env, tm
     with pytest.warns(UserWarning, match="never validated .* using last.ckpt"):
         test = fewshot.main(["test", *args, "--ckpt_path=best"])
     assert test.trainer.callback_metrics["test/episodes"] == 50
+
+
+def test_help_lists_what_exists_and_every_class_has_its_help(capsys):
+    from lightning_mtl import meta
+
+    with pytest.raises(SystemExit):
+        fewshot.main(["--help"])
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()}
+    models = {n for n in meta.__all__ if isinstance(getattr(meta, n), type)
+              and issubclass(getattr(meta, n), meta.EpisodicModule) and n != "EpisodicModule"}
+    assert models | {"OmniglotEpisodes", "MiniImageNetEpisodes", "ImageFolderEpisodes", "Conv4", "ResNet12"} <= listed
+    for flag, name in [("--data.help", d) for d in ("OmniglotEpisodes", "MiniImageNetEpisodes",
+                                                    "ImageFolderEpisodes")] + [("--model.help", m) for m in models]:
+        with pytest.raises(SystemExit) as info:
+            fewshot.main(["fit", flag, name])
+        assert info.value.code == 0 and capsys.readouterr().out.startswith("usage:"), name

@@ -286,3 +286,21 @@ def test_users_module_in_the_current_folder_needs_no_pythonpath(data_env, tmp_pa
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_help_lists_what_exists_and_every_data_class_has_its_help(capsys):
+    from lightning_mtl.mtl.architectures import list_architectures
+    from lightning_mtl.mtl.balancing import list_balancers
+
+    with pytest.raises(SystemExit):
+        multitask.main(["--help"])
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert set(list_architectures()) | set(list_balancers()) | {"NYUv2", "CelebA", "Office31", "MultiMNIST",
+                                                                "SegmentationTask", "SegNet"} <= listed
+    assert len(out.splitlines()) < 120
+    for data in ("NYUv2", "Cityscapes", "CelebA", "Office31", "OfficeHome", "MultiMNIST", "OmniglotAlphabets",
+                 "DenseImageTasks"):
+        with pytest.raises(SystemExit) as info:
+            multitask.main(["fit", "--data.help", data])
+        assert info.value.code == 0 and "--data.batch_size" in capsys.readouterr().out, data
