@@ -170,9 +170,10 @@ class _DropTips(logging.Filter):
 def quiet_lightning() -> None:
     """Silence, narrowly, the notices Lightning prints on every recipe run that no user can act on:
 
-    * "You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a
-      `LightningDataModule`": the episodic modules move an ``Episode``'s tensors themselves on purpose (one call per
-      tensor, no generic traversal); the notice states exactly what is meant to happen.
+    * "You have overridden `transfer_batch_to_device` (or `on_before_batch_transfer`) in `LightningModule` but have
+      passed in a `LightningDataModule`": the episodic modules move an ``Episode``'s tensors themselves (one call per
+      tensor, no generic traversal) and the multi-task module checks its batches before the transfer, on purpose;
+      the notice states exactly what is meant to happen.
     * "Your `IterableDataset` has `__len__` defined ...": our training streams give every worker its own meta-batches
       (``EpisodeStream`` shards by worker), so their length is exact with any number of workers; Lightning warns
       whenever an iterable dataset has a length, even with 0 workers.
@@ -180,8 +181,8 @@ def quiet_lightning() -> None:
     * Deprecation notices raised inside Lightning and jsonargparse by their own calls (``LeafSpec`` from torch's
       pytree, ``skip_none``), which only their next releases can fix.
     """
-    for message in (r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
-                    r"`LightningDataModule`",
+    for message in (r"You have overridden `(transfer_batch_to_device|on_before_batch_transfer)` in `LightningModule` "
+                    r"but have passed in a `LightningDataModule`",
                     r"Your `IterableDataset` has `__len__` defined",
                     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                     r"\s*skip_none parameter was deprecated"):

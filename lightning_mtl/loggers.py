@@ -5,6 +5,7 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+import sys
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -87,6 +88,12 @@ class WandbLogger(_LightningWandbLogger):
         )
         # Lightning passes anonymous=None, which wandb 0.31 answers with a deprecation warning on every run
         self._wandb_init.pop("anonymous", None)
+        if go_offline and not sys.stderr.isatty():
+            # offline into a log file: wandb's own lines (coloured with escape codes even there) only repeat the
+            # warning above, which already says where the files are and how to upload them
+            import wandb
+
+            self._wandb_init["settings"] = wandb.Settings(silent=True)
 
     @property
     @rank_zero_experiment
