@@ -58,7 +58,7 @@ from lightning_mtl.datamodules._safe_pickle import UnsafePickleError, safe_load
 from lightning_mtl.datamodules.l2l_tasks import episode_from_task
 from lightning_mtl.datamodules.multimnist import IDXError, read_mnist
 from lightning_mtl.datamodules.multitask import MultiTargetDataset, MultiTaskDataModule, TaskSplits
-from lightning_mtl.meta import MAML, MatchingNetwork, ProtoNet, SiameseNetwork
+from lightning_mtl.meta import MAML, R2D2, MatchingNetwork, ProtoNet, Reptile, SiameseNetwork
 from lightning_mtl.mtl import MultiTaskModule, SoftSharing
 from lightning_mtl.mtl.balancing import create_balancer, list_balancers
 from lightning_mtl.mtl.balancing.fixed import FixedWeighting
@@ -601,8 +601,13 @@ CASES = [
          ValueError,
          "episodes hold images of shape (1, 14, 14) but the head was sized for image_shape (1, 28, 28); set model "
          "image_shape to the datamodule's (C, H, W)."),
-    Case("episode_ways_not_the_support_set", lambda tmp: MatchingNetwork().episode_logits(
-        episode(ways=2)._replace(ways=3), "val"), ValueError,
+    *[Case(f"{cls.__name__.lower()}_support_labels_not_one_per_image",
+           lambda tmp, cls=cls: fit(cls(), episode(ways=2)._replace(support_y=torch.zeros(1, 3, dtype=torch.long))),
+           ValueError,
+           f"{cls.__name__}: support_y has shape (1, 3) but support_x holds (1, 2) (B, N) images; give one label per "
+           f"support image") for cls in (ProtoNet, R2D2, MAML, Reptile, SiameseNetwork)],
+    Case("episode_ways_not_the_support_set", lambda tmp: fit(MatchingNetwork(), episode(ways=2)._replace(ways=3)),
+         ValueError,
          "MatchingNetwork: the support set has 2 examples, not a positive multiple of ways=3; set Episode.ways to the "
          "number of classes of the episode (ways * shots support examples)"),
     # ---- trainer and checkpoints

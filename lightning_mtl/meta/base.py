@@ -15,6 +15,7 @@ from torchmetrics import CatMetric
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import WeightsOnlyLoading
+from lightning_mtl.meta._checks import check_episode
 
 
 class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
@@ -37,6 +38,8 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.episode_accs = torch.nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
 
+    #: fewest classes per episode the method works with.
+    min_ways: int = 2
     #: ways the model is built for (a head sized for them, as MAML's and Reptile's), or None if any number works.
     fixed_ways: int | None = None
 
@@ -88,11 +91,22 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         # the default dtype is the model's under Lightning's "*-true" precisions (float32 otherwise)
         return x.to(torch.get_default_dtype()).div_(255) if x.dtype == torch.uint8 else x
 
-    def _step(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
+    def validate_episode(self, episode: Episode) -> None:
+        """Refuse, with a message that names the fix, what is not a well-formed meta-batch of episodes (shapes only:
+        no device synchronisation); every learner's episodes pass here before the method sees them.
+
+        Raises:
+            TypeError: ``episode`` is not an :class:`~lightning_mtl.batches.Episode`.
+            ValueError: see :func:`~lightning_mtl.meta._checks.check_episode` (``min_ways``: :attr:`min_ways`).
+        """
         if not isinstance(episode, Episode):  # else an AttributeError deep inside episode_logits
             raise TypeError(f"{type(self).__name__} expected an Episode, got {type(episode).__name__}; yield "
                             f"lightning_mtl.Episode batches from the datamodule (an episodic one, e.g. "
                             f"OmniglotEpisodes).")
+        check_episode(episode, type(self).__name__, self.min_ways)
+
+    def _step(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
+        self.validate_episode(episode)
         logits = self.episode_logits(episode, stage)  # (B, ways * queries, ways)
         loss = self.episode_loss(logits, episode.query_y)
         accs = (logits.argmax(-1) == episode.query_y).float().mean(1)  # (B,) one accuracy per episode

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
-from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
 
@@ -141,7 +140,6 @@ class MatchingNetwork(EpisodicModule):
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         """log P(y | x, S) ``(B, ways * queries, ways)`` of the queries; see the module docstring."""
-        check_episode(episode, type(self).__name__)
         b, n_support = episode.support_y.shape
         z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
         support, query = z[: b * n_support].view(b, n_support, -1).float(), z[b * n_support :].view(b, -1, z.shape[-1])

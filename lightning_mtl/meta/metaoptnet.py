@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
-from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.meta.qp import solve_qp
 from lightning_mtl.nn import Conv4
@@ -158,7 +157,6 @@ class MetaOptNet(EpisodicModule):
         return z.flatten(1)
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
-        check_episode(episode, type(self).__name__)
         hp = self.hparams
         b, n_support = episode.support_y.shape
         z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))

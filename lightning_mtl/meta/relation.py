@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
-from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 
 
@@ -137,7 +136,6 @@ class RelationNetwork(EpisodicModule):
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         """Relation scores ``(B, ways * queries, ways)`` in (0, 1) of the queries against the classes."""
-        check_episode(episode, type(self).__name__)
         b, n_support = episode.support_y.shape
         z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))  # (N, C, h, w)
         support, query = z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(0, (b, -1))

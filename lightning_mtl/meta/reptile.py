@@ -232,6 +232,7 @@ class Reptile(EpisodicModule):
         return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, scale)]
 
     def training_step(self, episode: Episode, batch_idx: int) -> None:
+        self.validate_episode(episode)
         self._check_episode(episode)
         log = self.logs_this_step()  # decided before optimizer.step() advances global_step
         hp = self.hparams

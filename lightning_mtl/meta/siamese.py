@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
-from lightning_mtl.meta._checks import check_episode
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
 
@@ -122,7 +121,6 @@ class SiameseNetwork(EpisodicModule):
 
     def pair_scores(self, episode: Episode) -> Tensor:
         """Scores s ``(B, Q, S)`` of every query x support pair of the meta-batch."""
-        check_episode(episode, type(self).__name__)
         b, n_support = episode.support_y.shape
         z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
         support, query = z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(0, (b, -1))
@@ -148,6 +146,7 @@ class SiameseNetwork(EpisodicModule):
         return F.binary_cross_entropy_with_logits(logits.float(), onehot)
 
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
+        self.validate_episode(episode)
         scores = self.pair_scores(episode)  # (B, Q, S)
         same = episode.query_y.unsqueeze(2) == episode.support_y.unsqueeze(1)
         weights = self.pair_weights(same, episode.shots)

@@ -81,13 +81,13 @@ def test_bad_input_and_settings_give_clear_errors():
     model = MatchingNetwork()
     ep = random_episode(ways=5, shots=1)
     with pytest.raises(ValueError, match="not a positive multiple of ways=3"):
-        model.episode_logits(Episode(*ep[:4], ways=3), "train")
+        model.validate_episode(Episode(*ep[:4], ways=3))
     with pytest.raises(ValueError, match="query_y has shape"):
-        model.episode_logits(Episode(ep.support_x, ep.support_y, ep.query_x, ep.query_y[:, :2], 5), "train")
+        model.validate_episode(Episode(ep.support_x, ep.support_y, ep.query_x, ep.query_y[:, :2], 5))
     with pytest.raises(ValueError, match="must be \\(B, N, C, H, W\\)"):
-        model.episode_logits(Episode(ep.support_x[0], ep.support_y, ep.query_x, ep.query_y, 5), "train")
+        model.validate_episode(Episode(ep.support_x[0], ep.support_y, ep.query_x, ep.query_y, 5))
     with pytest.raises(ValueError, match="at least 2 ways"):
-        model.episode_logits(Episode(ep.support_x[:, :1], ep.support_y[:, :1], ep.query_x, ep.query_y, 1), "train")
+        model.validate_episode(Episode(ep.support_x[:, :1], ep.support_y[:, :1], ep.query_x, ep.query_y, 1))
     with pytest.raises(ValueError, match="fce_steps must be >= 1"):
         MatchingNetwork(fce=True, fce_steps=0)
     with pytest.raises(ValueError, match="cosine_scale must be > 0"):

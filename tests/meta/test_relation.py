@@ -77,9 +77,9 @@ def test_bad_backbone_input_and_sizes_give_clear_errors():
     model = RelationNetwork()
     ep = random_episode(ways=5, shots=1)
     with pytest.raises(ValueError, match="not a positive multiple of ways=4"):
-        model.episode_logits(Episode(*ep[:4], ways=4), "train")
+        model.validate_episode(Episode(*ep[:4], ways=4))
     with pytest.raises(ValueError, match="support_y has shape"):
-        model.episode_logits(Episode(ep.support_x, ep.support_y[:, :3], ep.query_x, ep.query_y, 5), "train")
+        model.validate_episode(Episode(ep.support_x, ep.support_y[:, :3], ep.query_x, ep.query_y, 5))
 
 
 def test_real_omniglot_few_training_steps(omniglot_root, cache_dir):

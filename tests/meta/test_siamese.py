@@ -107,7 +107,7 @@ def test_bad_settings_and_input_give_clear_errors():
     with pytest.raises(ValueError, match="not a positive multiple of ways=2"):
         model.training_step(Episode(*ep[:4], ways=2), 0)
     with pytest.raises(ValueError, match="must share the meta-batch size"):
-        model.episode_logits(Episode(ep.support_x, ep.support_y, ep.query_x[:1], ep.query_y[:1], 5), "val")
+        model.validate_episode(Episode(ep.support_x, ep.support_y, ep.query_x[:1], ep.query_y[:1], 5))
 
 
 def test_real_omniglot_few_training_steps(omniglot_root, cache_dir):
