@@ -25,6 +25,7 @@ from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
+from lightning_mtl.nn.probe import feature_dim
 
 
 class MAML(EpisodicModule):
@@ -68,9 +69,7 @@ class MAML(EpisodicModule):
             raise ValueError(f"inner steps must be >= 0, got {inner_steps} (train) and {eval_inner_steps} (eval)")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0], track_running_stats=False)
-        with torch.no_grad():
-            features = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
-        self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(features, ways))
+        self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(feature_dim(backbone, image_shape), ways))
 
     def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Logits of images ``x`` under ``params`` (the module's own parameters if ``None``)."""

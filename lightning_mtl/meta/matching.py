@@ -33,6 +33,7 @@ from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
+from lightning_mtl.nn.probe import feature_dim
 
 #: smallest probability before the log: log P >= log(1e-8) ≈ -18.4
 PROB_FLOOR = 1e-8
@@ -124,15 +125,7 @@ class MatchingNetwork(EpisodicModule):
             raise ValueError(f"cosine_scale must be > 0, got {cosine_scale}")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
-        self.fce = FullContextEmbedding(self._embedding_dim(image_shape), fce_steps) if fce else None
-
-    def _embedding_dim(self, image_shape: tuple[int, int, int]) -> int:
-        training = self.backbone.training
-        self.backbone.eval()  # a probe must not move BatchNorm running statistics
-        with torch.no_grad():
-            dim = self.backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
-        self.backbone.train(training)
-        return dim
+        self.fce = FullContextEmbedding(feature_dim(self.backbone, image_shape), fce_steps) if fce else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Embeddings ``(N, D)`` of images ``(N, C, H, W)``."""

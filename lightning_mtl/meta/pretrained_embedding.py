@@ -29,6 +29,7 @@ from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.meta.protonet import prototypes, squared_euclidean_logits
 from lightning_mtl.nn import Conv4
+from lightning_mtl.nn.probe import feature_dim
 
 
 def logistic_regression_logits(support: Tensor, labels: Tensor, query: Tensor, ways: int, c: float = 1.0,
@@ -113,10 +114,7 @@ class EmbeddingBaseline(EpisodicModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
-        was_training = self.backbone.training
-        with torch.no_grad():
-            self.feature_dim = self.backbone.eval()(torch.zeros(2, *image_shape)).flatten(1).shape[1]
-        self.backbone.train(was_training)
+        self.feature_dim = feature_dim(self.backbone, image_shape)
         self.head: nn.Linear | None = None if num_classes is None else nn.Linear(self.feature_dim, num_classes)
 
     def configure_model(self) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.nn.probe import probe
 
 
 def conv_block(c_in: int, c_out: int, padding: int, pool: bool) -> nn.Sequential:
@@ -89,7 +90,7 @@ class RelationNetwork(EpisodicModule):
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else RelationEmbedding(image_shape[0])
-        maps = self._probe(self.backbone, torch.zeros(2, *image_shape))
+        maps = probe(self.backbone, torch.zeros(2, *image_shape))
         if maps.ndim != 4:
             raise ValueError(
                 f"RelationNetwork needs a backbone returning feature maps (N, C, h, w), got shape {tuple(maps.shape)} "
@@ -101,7 +102,7 @@ class RelationNetwork(EpisodicModule):
             nn.Flatten(),
         )
         try:
-            features = self._probe(convs, torch.cat([maps, maps], 1)).shape[1]
+            features = probe(convs, torch.cat([maps, maps], 1)).shape[1]
         except RuntimeError as err:
             raise ValueError(
                 f"feature maps of shape {tuple(maps.shape[1:])} are too small for two relation blocks with padding "
@@ -111,15 +112,6 @@ class RelationNetwork(EpisodicModule):
             convs, nn.Linear(features, relation_hidden), nn.ReLU(inplace=True), nn.Linear(relation_hidden, 1),
             nn.Sigmoid(),
         )
-
-    @staticmethod
-    def _probe(module: nn.Module, x: Tensor) -> Tensor:
-        training = module.training
-        module.eval()  # a probe must not move BatchNorm running statistics
-        with torch.no_grad():
-            out = module(x)
-        module.train(training)
-        return out
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature maps ``(N, C', h, w)`` of images ``(N, C, H, W)``."""

@@ -47,6 +47,7 @@ from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
+from lightning_mtl.nn.probe import feature_dim
 
 
 def _autocast_without_cache(device_type: str) -> contextlib.AbstractContextManager:
@@ -124,9 +125,7 @@ class Reptile(EpisodicModule):
         save_hyperparameters(self, ["backbone"])
         self.automatic_optimization = False
         backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0], track_running_stats=False)
-        with torch.no_grad():
-            features = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
-        self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(features, ways))
+        self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(feature_dim(backbone, image_shape), ways))
         # the carried inner Adam state: buffers, so that it follows the module's device and is checkpointed
         self.inner_adam = nn.Module()
         if inner_state == "carried" and inner_optimizer == "adam":

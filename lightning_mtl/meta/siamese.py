@@ -36,6 +36,7 @@ from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.nn import Conv4
+from lightning_mtl.nn.probe import feature_dim
 
 
 class KochEmbedding(nn.Sequential):
@@ -104,12 +105,8 @@ class SiameseNetwork(EpisodicModule):
             raise ValueError(f"pairs must be 'balanced' or 'all', got {pairs!r}")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
-        training = self.backbone.training
-        self.backbone.eval()  # a probe must not move BatchNorm running statistics
-        with torch.no_grad():
-            dim = self.backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
-        self.backbone.train(training)
-        self.head = nn.Linear(dim, 1)  # the weights α_j and the bias b of the weighted L1 distance
+        # the weights α_j and the bias b of the weighted L1 distance
+        self.head = nn.Linear(feature_dim(self.backbone, image_shape), 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Embeddings ``(N, D)`` of images ``(N, C, H, W)``."""

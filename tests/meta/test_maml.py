@@ -94,3 +94,21 @@ def test_maml_rejects_images_the_head_was_not_sized_for():
     with pytest.raises(ValueError, match=r"images of shape \(1, 2, 2\) but the head was sized for image_shape "
                                          r"\(1, 3, 3\); set model image_shape"):
         model.episode_logits(tiny_episode(ways=5), "train")
+
+
+@pytest.mark.parametrize("name", ["MAML", "Reptile", "ProtoNet", "MatchingNetwork", "SiameseNetwork",
+                                  "EmbeddingBaseline", "RelationNetwork"])
+def test_sizing_the_head_leaves_the_backbones_batchnorm_statistics_alone(name):
+    """Probing the feature size runs the backbone once, in eval mode: a train-mode probe on zeros would move BatchNorm
+    running statistics (MAML's and Reptile's did)."""
+    from lightning_mtl import meta
+    from lightning_mtl.nn import Conv4
+
+    backbone = Conv4(track_running_stats=True)
+    if name == "RelationNetwork":  # it reads feature maps: the first two blocks of Conv-4
+        backbone = backbone.features[:8]
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    model = getattr(meta, name)(backbone=backbone)
+    assert backbone.training and model.training
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
