@@ -152,11 +152,11 @@ class _CatalogueFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpForma
 
 def run(main) -> None:
     """Run a recipe's ``main``: an error of the configuration (see :meth:`RecipeCLI.instantiate_classes`) is printed
-    as one ``error:`` message, without traceback."""
+    as one ``error:`` message, without traceback (``LIGHTNING_MTL_TRACEBACK=1`` shows it)."""
     try:
         main()
     except (ValueError, TypeError, FileNotFoundError) as e:
-        if not getattr(e, "configuration_error", False):
+        if not getattr(e, "configuration_error", False) or os.environ.get("LIGHTNING_MTL_TRACEBACK"):
             raise
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
@@ -248,7 +248,7 @@ class RecipeCLI(LightningCLI):
             if not isinstance(root, (ValueError, TypeError, FileNotFoundError)):
                 raise
             root.configuration_error = True
-            raise root.with_traceback(None) from None
+            raise root from None  # its own traceback, without jsonargparse's chain
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
