@@ -43,8 +43,6 @@ Noise (a pure function of the seeds and the image, so identical across epochs, w
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -56,7 +54,7 @@ from torch.utils.data import Dataset
 
 from lightning_mtl.datamodules._images import FileTree, decode_image, load_cache, pack, save_cache
 from lightning_mtl.datamodules._paths import resolve_cache_dir, resolve_data_root
-from lightning_mtl.datamodules.image_folder import empty_class_folders, find_classes
+from lightning_mtl.datamodules.image_folder import cache_file, list_classes
 from lightning_mtl.datamodules.multitask import MultiTaskDataModule, TaskSplits
 from lightning_mtl.mtl.tasks import ClassificationTask, PixelRegressionTask, Task
 
@@ -207,27 +205,14 @@ class DenseImageTasks(MultiTaskDataModule):
 
     # ------------------------------------------------------------------ sources and cache
     def _classes(self, tree: FileTree) -> dict[str, list[str]]:
-        if not self.source.exists():
-            raise FileNotFoundError(
-                f"image dataset {self.source} does not exist. Pass --data.path (a class-per-folder directory or a "
-                f".zip, relative to the data root {self.root} or absolute), --data.root or $LIGHTNING_MTL_DATA.")
-        classes = find_classes(tree.files(), self.hparams.layout, self.source)
-        if not classes:
-            raise ValueError(f"no images found in {self.source}: expected <class>/<image>.png|.jpg|... folders or "
-                             f"Tiny-ImageNet's train/<wnid>/images/*.JPEG (layout={self.hparams.layout!r}).")
-        if empty := empty_class_folders(self.source, classes):
-            raise ValueError(f"{self.source}: class folder(s) {', '.join(empty)} hold no images; add images to them "
-                             f"or remove them (an empty folder would silently not be a class).")
+        classes = list_classes(tree, self.source, self.root, self.hparams.layout)
         k = self.hparams.images_per_class
         return classes if k is None else {c: files[:k] for c, files in classes.items()}
 
     def _cache_path(self, tree: FileTree, classes: dict[str, list[str]]) -> Path:
         hp = self.hparams
         settings = {"v": CACHE_VERSION, "size": hp.image_size, "layout": hp.layout, "per_class": hp.images_per_class}
-        h = hashlib.sha256(json.dumps(settings).encode())
-        h.update(tree.digest([f for fs in classes.values() for f in fs]).encode())
-        stem = self.source.name.removesuffix(".zip") or "data"
-        return self.cache_dir / f"densetasks-{stem}-{hp.image_size}px-{h.hexdigest()[:16]}.pt"
+        return cache_file(self.cache_dir, "densetasks", self.source, tree, classes, settings, f"{hp.image_size}px")
 
     def cache_path(self) -> Path:
         """The cache of the current sources and settings."""

@@ -92,6 +92,40 @@ def empty_class_folders(source: Path, classes: dict[str, list[str]]) -> list[str
     return []
 
 
+def list_classes(tree: FileTree, source: Path, root: Path, layout: str) -> dict[str, list[str]]:
+    """``{class: image files}`` of the class-per-folder (or Tiny-ImageNet) dataset ``source`` opened as ``tree``.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist (the message names ``--data.path`` / ``--data.root``).
+        ValueError: no image in the expected layout, or a class folder without images.
+    """
+    if not source.exists():
+        raise FileNotFoundError(
+            f"image dataset {source} does not exist. Pass --data.path (a class-per-folder directory or a "
+            f".zip, relative to the data root {root} or absolute), --data.root or $LIGHTNING_MTL_DATA."
+        )
+    classes = find_classes(tree.files(), layout, source)
+    if not classes:
+        raise ValueError(
+            f"no images found in {source}: expected <class>/<image>.png|.jpg|... folders or Tiny-ImageNet's "
+            f"train/<wnid>/images/*.JPEG (layout={layout!r})."
+        )
+    if empty := empty_class_folders(source, classes):
+        raise ValueError(f"{source}: class folder(s) {', '.join(empty)} hold no images; add images to them or "
+                         f"remove them (an empty folder would silently not be a class).")
+    return classes
+
+
+def cache_file(cache_dir: Path, kind: str, source: Path, tree: FileTree, classes: dict[str, list[str]],
+               settings: dict, tag: str) -> Path:
+    """The cache file of ``classes`` of ``source`` decoded with ``settings``: named ``<kind>-<source>-<tag>-<hash>.pt``,
+    the hash covering the settings and every file's content digest, so any change of either gives a new file."""
+    h = hashlib.sha256(json.dumps(settings).encode())
+    h.update(tree.digest([f for fs in classes.values() for f in fs]).encode())
+    stem = source.name.removesuffix(".zip") or "data"
+    return cache_dir / f"{kind}-{stem}-{tag}-{h.hexdigest()[:16]}.pt"
+
+
 class ImageFolderEpisodes(EpisodicImages):
     """N-way K-shot Q-query episodes from a class-per-folder dataset or Tiny-ImageNet.
 
@@ -181,29 +215,13 @@ class ImageFolderEpisodes(EpisodicImages):
 
     # ------------------------------------------------------------------ sources and cache
     def _classes(self, tree: FileTree) -> dict[str, list[str]]:
-        if not self.source.exists():
-            raise FileNotFoundError(
-                f"image dataset {self.source} does not exist. Pass --data.path (a class-per-folder directory or a "
-                f".zip, relative to the data root {self.root} or absolute), --data.root or $LIGHTNING_MTL_DATA."
-            )
-        classes = find_classes(tree.files(), self.hparams.layout, self.source)
-        if not classes:
-            raise ValueError(
-                f"no images found in {self.source}: expected <class>/<image>.png|.jpg|... folders or Tiny-ImageNet's "
-                f"train/<wnid>/images/*.JPEG (layout={self.hparams.layout!r})."
-            )
-        if empty := empty_class_folders(self.source, classes):
-            raise ValueError(f"{self.source}: class folder(s) {', '.join(empty)} hold no images; add images to them or "
-                             f"remove them (an empty folder would silently not be a class).")
-        return classes
+        return list_classes(tree, self.source, self.root, self.hparams.layout)
 
     def _cache_path(self, tree: FileTree, classes: dict[str, list[str]]) -> Path:
         hp = self.hparams
         settings = {"v": CACHE_VERSION, "size": hp.image_size, "channels": hp.channels, "layout": hp.layout}
-        h = hashlib.sha256(json.dumps(settings).encode())
-        h.update(tree.digest([f for fs in classes.values() for f in fs]).encode())
-        stem = self.source.name.removesuffix(".zip") or "data"
-        return self.cache_dir / f"imagefolder-{stem}-{hp.image_size}px-{hp.channels}ch-{h.hexdigest()[:16]}.pt"
+        return cache_file(self.cache_dir, "imagefolder", self.source, tree, classes, settings,
+                          f"{hp.image_size}px-{hp.channels}ch")
 
     def cache_path(self) -> Path:
         """The decoded-image cache of the current sources and settings."""
