@@ -44,7 +44,12 @@ def test_equals_the_textbook_block_order_forward_and_backward(channels_last, in_
     (out * weights).sum().backward()
     (expected * weights).sum().backward()
     ours = dict(model.named_parameters())
+    convs = {f"{i}.bias" for i, m in enumerate(reference) if isinstance(m, nn.Conv2d)}
     for name, p in reference.named_parameters():
+        if name in convs:  # a conv bias before training-mode BatchNorm has gradient 0: both are rounding noise, whose
+            # size depends on the summation order (thread count)
+            assert ours[f"features.{name}"].grad.abs().max() < 1e-4 and p.grad.abs().max() < 1e-4, name
+            continue
         torch.testing.assert_close(ours[f"features.{name}"].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     # BatchNorm running statistics are updated identically
     torch.testing.assert_close(model.features[1].running_mean, reference[1].running_mean)
