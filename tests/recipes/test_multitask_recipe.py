@@ -278,7 +278,8 @@ def test_users_module_in_the_current_folder_needs_no_pythonpath(data_env, tmp_pa
     (tmp_path / "my_mtl.py").write_text(USER_MODULE)
     config = tmp_path / "mine.yaml"
     config.write_text((REPO / "recipes" / "configs" / "multimnist" / "hps_equal_quick.yaml").read_text().replace(
-        "    balancer: equal\n", "    balancer:\n      class_path: my_mtl.Halves\n      init_args:\n        factor: 0.5\n"))
+        "    balancer: equal\n",
+        "    balancer:\n      class_path: my_mtl.Halves\n      init_args:\n        factor: 0.5\n"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, str(RECIPE), "fit", "--config", str(config), "--trainer.max_steps=1",
                            "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1", "--trainer.logger=false",
