@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "fewshot.py"
 CONFIGS = sorted((REPO / "recipes" / "configs" / "omniglot").glob("*.yaml"))
 # other datasets: Mini-ImageNet images are not available offline (parse only); Tiny-ImageNet's subset is real data
-OTHER_CONFIGS = sorted((REPO / "recipes" / "configs").glob("*_imagenet/*.yaml"))
+OTHER_CONFIGS = sorted((REPO / "recipes" / "configs").glob("mini_imagenet/*.yaml")) + sorted(
+    (REPO / "recipes" / "configs").glob("tiny_imagenet/*.yaml"))  # the other few-shot configs
 
 
 def load_recipe():
