@@ -16,6 +16,7 @@ Documented equivalences (README, Guarantees):
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,10 @@ def test_ddp_averages_the_carried_reptile_inner_state(states):
     first = states[2, "32"]["reptile_carried"]["first"]
     assert first["inner_adam.step"].item() == 2  # one task of 2 inner steps per rank
     for k in reached[0]:
+        if re.search(r"features__(0|4|8|12)__bias__", k):
+            # a Conv-4 conv bias feeds training-mode BatchNorm: its gradient is exactly 0, so its Adam moments hold
+            # rounding noise whose value depends on the reduction order of each process, not on the averaging
+            continue
         torch.testing.assert_close(first[f"inner_adam.{k}"], (reached[0][k] + reached[1][k]) / 2, atol=1e-6, rtol=1e-5,
                                    msg=k)
     assert any(not torch.equal(reached[0][k], reached[1][k]) for k in reached[0] if k != "step")
