@@ -18,7 +18,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
@@ -69,6 +69,91 @@ def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str 
     return best
 
 
+#: the model's arguments whose class (or registered name) tells one run from another, besides the model's own class.
+IDENTITY_KEYS = ("architecture", "backbone", "expert", "balancer", "meta_balancer")
+
+
+def model_identity(model: object) -> list[str]:
+    """The short class names that make a run of ``model`` (a ``class_path`` / ``init_args`` mapping, as in a config
+    file or in the parsed configuration): the model's class, then those of its :data:`IDENTITY_KEYS` arguments
+    (a balancer given by registered name counts by that name)."""
+    if not isinstance(model, dict) or "class_path" not in model:
+        return []
+    names = [str(model["class_path"]).rsplit(".", 1)[-1]]
+    args = model.get("init_args") or {}
+    for key in IDENTITY_KEYS:
+        value = args.get(key) if isinstance(args, dict) else None
+        if isinstance(value, dict) and "class_path" in value:
+            names.append(str(value["class_path"]).rsplit(".", 1)[-1])
+        elif isinstance(value, str):
+            names.append(value)
+    return names
+
+
+def config_file_model(files: list) -> dict | None:
+    """The ``model`` section of the last of the ``--config`` files that has one (``None`` without one)."""
+    import yaml
+
+    model = None
+    for file in files or []:
+        text = file.get_content() if hasattr(file, "get_content") else Path(str(file)).read_text()
+        data = yaml.safe_load(text) or {}
+        if isinstance(data, dict) and data.get("model") is not None:
+            model = data["model"]
+    return model
+
+
+def run_dirpath(dirpath: str | None, files: list, model: dict) -> tuple[str, str | None]:
+    """The checkpoint folder of a run: ``(dirpath, why)``, ``why`` saying why it is not the configured one.
+
+    A config names its run's folder (``checkpoint.dirpath: runs/<dataset>/<config>/checkpoints``). A run whose model
+    differs from the config file's (``--model MAML`` on a ProtoNet config, ``--model.architecture MTAN`` on a
+    hard-sharing one) goes to a sibling named by what differs (``runs/<dataset>/<config>-MAML/checkpoints``), so runs
+    of different models never share ``last.ckpt`` and ``--ckpt_path best|last`` of the same command line find that
+    run's own files. Without ``checkpoint.dirpath`` the folder is ``runs/<config file stem>-<model class>/
+    checkpoints`` (``runs/<model class>/checkpoints`` without a config file).
+    """
+    final = model_identity(model)
+    if dirpath is None:
+        stem = Path(str(files[-1])).stem if files else None
+        name = f"{stem}-{final[0]}" if stem and final else (stem or (final[0] if final else "run"))
+        return str(Path("runs") / name / "checkpoints"), "checkpoint.dirpath is not set"
+    given = model_identity(config_file_model(files))
+    if not given or given == final:
+        return dirpath, None
+    changed = [name for i, name in enumerate(final) if i >= len(given) or given[i] != name] or final[:1]
+    suffix = "-".join(changed)
+    path = Path(dirpath)
+    folder = path.parent.with_name(f"{path.parent.name}-{suffix}") / path.name if path.name == "checkpoints" \
+        else path.with_name(f"{path.name}-{suffix}")
+    return str(folder), f"the model ({', '.join(final)}) differs from the config file's ({', '.join(given)})"
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the resolved configuration of a ``fit`` as ``config.yaml`` into its checkpoint folder, beside the
+    checkpoints it produced (Lightning's callback writes it into the logger's folder, or into the working folder
+    without a logger, where runs overwrite each other's). ``validate`` and ``test`` leave it alone."""
+
+    def __init__(self, parser, config, **kwargs) -> None:
+        super().__init__(parser, config, **{**kwargs, "save_to_log_dir": False})
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        """Nothing yet: written at the start of the fit, after the checkpoint callback looked at its folder."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module) -> None:
+        if trainer.is_global_zero and not self.already_saved:
+            self.save_config(trainer, pl_module, "fit")
+            self.already_saved = True
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:  # rank 0 only
+        dirpath = self.config.get("checkpoint.dirpath")
+        if dirpath is None:
+            return
+        Path(dirpath).mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(Path(dirpath) / self.config_filename), skip_none=False, overwrite=True,
+                         multifile=False)
+
+
 def end_distributed() -> None:
     """Destroy the default process group, if one is initialised: the end of a run that succeeded.
 
@@ -106,8 +191,54 @@ def condense_parser_error(message: str) -> str:
     return "\n".join(dict.fromkeys(out)) or message
 
 
+def _not_a_choice(class_path: str) -> bool:
+    """Whether ``class_path`` is left out of the listed choices: a class of an installed third-party or
+    standard-library module (torch, torchvision, timm, ...), a model or a metric (modules, but never a backbone), or
+    a building block of ours that its package does not export (``lightning_mtl.nn.conv4.BatchNorm2d``)."""
+    import sysconfig
+
+    import lightning as L
+    from torchmetrics import Metric
+
+    module = sys.modules.get(class_path.rsplit(".", 1)[0])
+    cls = getattr(module, class_path.rsplit(".", 1)[-1], None)
+    if isinstance(cls, type) and issubclass(cls, (L.LightningModule, Metric)):
+        return True
+    if class_path.startswith("lightning_mtl."):  # exported: named in a package (lightning_mtl.nn.Conv4)
+        return not str(getattr(module, "__file__", "")).endswith("__init__.py")
+    file = getattr(module, "__file__", None)
+    if file is None:
+        return True
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    return any(os.path.abspath(file).startswith(os.path.abspath(root) + os.sep) for root in roots)
+
+
+def known_subclasses_of_ours(help_text: str) -> str:
+    """A help string's "known subclasses" (every imported subclass of, e.g., ``torch.nn.Module``: hundreds of
+    ``torch.nn`` and torchvision classes, our models and metrics) cut to the choices: lightning_mtl's exported classes
+    and the user's own (:func:`_not_a_choice`); any other class is still accepted by its class path."""
+    head, sep, tail = help_text.partition(", known subclasses: ")
+    if not sep:
+        return help_text
+    listed, close = (tail[:-1], ")") if tail.endswith(")") else (tail, "")
+    ours = [path for path in listed.split(", ") if not _not_a_choice(path)]
+    return (f"{head}, known subclasses: {', '.join(ours)}; or any other by its class path{close}" if ours
+            else f"{head}; any subclass by its class path{close}")
+
+
+class RecipeHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with our and the user's classes as the known choices, not all of ``torch.nn``."""
+
+    def _get_help_string(self, action) -> str:
+        return known_subclasses_of_ours(super()._get_help_string(action))
+
+
 class RecipeParser(LightningArgumentParser):
-    """Parse errors in a few lines: the option's key and what is wrong, not the whole usage and union report."""
+    """Parse errors in a few lines: the option's key and what is wrong, not the whole usage and union report; help
+    with :class:`RecipeHelpFormatter` (also for ``--model.help CLASS``, whose parser is built from this class)."""
+
+    def __init__(self, *args, formatter_class=RecipeHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
@@ -146,7 +277,7 @@ def catalogue_text(sections: dict[str, dict[str, object]]) -> str:
     return "\n\n".join(blocks)
 
 
-class _CatalogueFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+class _CatalogueFormatter(argparse.RawDescriptionHelpFormatter, RecipeHelpFormatter):
     """Keeps the catalogue's lines as written."""
 
 
@@ -220,6 +351,7 @@ class RecipeCLI(LightningCLI):
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         kwargs.setdefault("parser_class", RecipeParser)
+        kwargs.setdefault("save_config_callback", RunConfig)
         sections = self.catalogue()
         if sections:  # `recipe.py --help` lists what exists, one line each
             parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
@@ -249,6 +381,16 @@ class RecipeCLI(LightningCLI):
                 raise
             root.configuration_error = True
             raise root from None  # its own traceback, without jsonargparse's chain
+
+    def before_instantiate_classes(self) -> None:
+        """Place the run (:func:`run_dirpath`): runs of different models never share a checkpoint folder."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        model = model.as_dict() if hasattr(model, "as_dict") else model
+        dirpath, why = run_dirpath(config.get("checkpoint.dirpath"), config.get("config") or [], model)
+        if why is not None:
+            config["checkpoint.dirpath"] = dirpath
+            rank_zero_info(f"checkpoints of this run: {dirpath} ({why})")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -24,8 +24,16 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from torch import Tensor
 
 
-def format_metrics(metrics: dict, prefix: str = "") -> str:
-    """``name value`` pairs of the scalar metrics whose name starts with ``prefix``, sorted, ``m ± m_ci95`` merged."""
+#: above this many metrics a progress line keeps only the summaries (``val/metric_mean``, not ``val/<task>/acc``).
+MAX_METRICS = 12
+
+
+def format_metrics(metrics: dict, prefix: str = "", limit: int | None = MAX_METRICS) -> str:
+    """``name value`` pairs of the scalar metrics whose name starts with ``prefix``, sorted, ``m ± m_ci95`` merged.
+
+    With more than ``limit`` of them (a multi-task run of 50 tasks logs 100 per validation) only the summaries are
+    shown, the names without a second ``/`` (``val/metric_mean``, ``val/error_mean``), and a note of how many
+    per-task values the logger holds; ``limit=None`` shows all."""
     values = {}
     for name, value in metrics.items():
         if not name.startswith(prefix):
@@ -44,6 +52,10 @@ def format_metrics(metrics: dict, prefix: str = "") -> str:
         if f"{name}_ci95" in values:
             text += f" ± {values[f'{name}_ci95']:.2g}"
         parts.append(text)
+    if limit is not None and len(parts) > limit:
+        names = [n for n in sorted(values) if not (n.endswith("_ci95") and n[: -len("_ci95")] in values)]
+        kept = [part for name, part in zip(names, parts) if name[len(prefix):].count("/") == 0]
+        parts = [*kept, f"(+{len(parts) - len(kept)} per-task metrics in the logger)"]
     return " | ".join(parts)
 
 

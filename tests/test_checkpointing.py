@@ -110,3 +110,36 @@ def test_last_ckpt_every_n_steps_and_after_a_validation_at_that_step(tmp_path):
     assert written == [(3, 0), (6, 1), (9, 1), (12, 2)], written
     best = torch.load(checkpoint.best_model_path, weights_only=True)
     assert best["global_step"] in (6, 12)  # chosen at a validation, with that validation's weights
+
+
+def test_run_dirpath_names_config_and_model():
+    from lightning_mtl.cli import model_identity, run_dirpath
+
+    class File:  # a --config file as jsonargparse hands it over
+        def __init__(self, path, text):
+            self.path, self.text = path, text
+
+        def get_content(self):
+            return self.text
+
+        def __str__(self):
+            return self.path
+
+    protonet = File("recipes/configs/omniglot/protonet.yaml",
+                    "model:\n  class_path: lightning_mtl.meta.ProtoNet\n  init_args:\n    backbone:\n"
+                    "      class_path: lightning_mtl.nn.Conv4\n")
+    same = {"class_path": "lightning_mtl.meta.ProtoNet", "init_args": {"backbone": {"class_path":
+                                                                                     "lightning_mtl.nn.Conv4"}}}
+    maml = {"class_path": "lightning_mtl.meta.MAML", "init_args": {"backbone": {"class_path": "lightning_mtl.nn.Conv4"}}}
+    assert model_identity(maml) == ["MAML", "Conv4"]
+    assert run_dirpath("runs/o/protonet/checkpoints", [protonet], same) == ("runs/o/protonet/checkpoints", None)
+    path, why = run_dirpath("runs/o/protonet/checkpoints", [protonet], maml)
+    assert path == "runs/o/protonet-MAML/checkpoints" and "ProtoNet" in why and "MAML" in why
+    assert run_dirpath("/tmp/x/ckpt", [protonet], maml)[0] == "/tmp/x/ckpt-MAML"
+    assert run_dirpath(None, [protonet], maml)[0] == "runs/protonet-MAML/checkpoints"
+    assert run_dirpath(None, [], maml)[0] == "runs/MAML/checkpoints"
+    hps = File("hps.yaml", "model:\n  class_path: lightning_mtl.mtl.MultiTaskModule\n  init_args:\n    architecture:\n"
+                           "      class_path: lightning_mtl.mtl.architectures.HardSharing\n    balancer: equal\n")
+    mtan = {"class_path": "lightning_mtl.mtl.MultiTaskModule",
+            "init_args": {"architecture": {"class_path": "lightning_mtl.mtl.architectures.MTAN"}, "balancer": "pcgrad"}}
+    assert run_dirpath("runs/m/hps/checkpoints", [hps], mtan)[0] == "runs/m/hps-MTAN-pcgrad/checkpoints"

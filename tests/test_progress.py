@@ -20,6 +20,17 @@ from toy import global_batches, make_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_format_metrics_of_many_tasks_keeps_the_summaries():
+    """50 tasks log 100 values per validation: the line keeps the means and says how many per-task values it left."""
+    metrics = {f"val/task{i}/{m}": 0.5 for i in range(50) for m in ("acc", "loss")}
+    metrics.update({"val/metric_mean": 0.8, "val/error_mean": 0.2, "train/loss": 1.0})
+    assert format_metrics(metrics, "val/") == ("val/error_mean 0.2 | val/metric_mean 0.8 | "
+                                               "(+100 per-task metrics in the logger)")
+    assert format_metrics(metrics, "val/", limit=None).count("|") == 101
+    few = {f"val/t{i}/acc": 0.5 for i in range(3)}
+    assert format_metrics(few, "val/") == "val/t0/acc 0.5 | val/t1/acc 0.5 | val/t2/acc 0.5"
+
+
 def test_format_metrics_merges_confidence_intervals_and_skips_other_prefixes():
     metrics = {"val/acc": torch.tensor(0.95123), "val/acc_ci95": 0.00512, "val/loss": 0.15, "train/loss": 1.0,
                "val/vector": torch.ones(3)}

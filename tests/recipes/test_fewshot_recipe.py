@@ -254,3 +254,43 @@ def test_help_lists_what_exists_and_every_class_has_its_help(capsys):
         with pytest.raises(SystemExit) as info:
             fewshot.main(["fit", flag, name])
         assert info.value.code == 0 and capsys.readouterr().out.startswith("usage:"), name
+
+
+def test_backbone_choices_are_ours_and_the_users_not_all_of_torch_nn(capsys, tmp_path, monkeypatch):
+    """`--model.help MAML` lists our exported backbones and the user's own modules as choices, not the hundreds of
+    torch.nn / torchvision classes, our LightningModules or our metrics (any class is still accepted by path)."""
+    (tmp_path / "my_backbones.py").write_text(
+        "import torch\n\nclass TinyNet(torch.nn.Module):\n    def forward(self, x):\n        return x.flatten(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_backbones  # noqa: F401 - imported as a config naming it would
+
+    with pytest.raises(SystemExit):
+        fewshot.main(["fit", "--model.help", "MAML"])
+    out = " ".join(capsys.readouterr().out.split())
+    choices = out.split("--model.backbone BACKBONE", 1)[1].split("known subclasses: ", 1)[1].split(")", 1)[0]
+    listed = {c.strip().rstrip(";").split(";")[0] for c in choices.replace("; or any other", ",").split(",")}
+    assert {"lightning_mtl.nn.Conv4", "lightning_mtl.nn.ResNet12", "my_backbones.TinyNet"} <= listed, listed
+    assert not any(c.startswith(("torch.", "torchvision.")) for c in listed), listed
+    assert not {"lightning_mtl.meta.MAML", "lightning_mtl.meta.ProtoNet"} & listed, listed
+    assert "or any other by its class path" in choices
+
+
+def test_a_fit_of_another_model_on_a_config_gets_its_own_run_folder(data_env, tmp_path):
+    """`--model MAML` on a ProtoNet config writes to `<dirpath>-MAML`: the ProtoNet run's checkpoints are untouched,
+    `--ckpt_path best` of each command line finds its own run, and each folder holds the config that made it."""
+    import yaml
+
+    args = small_run_args(tmp_path, steps=2) + ["--data.train_ways=5"]
+    fewshot.main(["fit", *args])
+    protonet = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    maml = [*args, "--model=lightning_mtl.meta.MAML", "--model.ways=5", "--model.eval_inner_steps=1"]
+    fewshot.main(["fit", *maml])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == protonet
+    assert (tmp_path / "ckpt-MAML" / "last.ckpt").exists()
+    for folder, model in (("ckpt", "ProtoNet"), ("ckpt-MAML", "MAML")):
+        saved = yaml.safe_load((tmp_path / folder / "config.yaml").read_text())
+        assert saved["model"]["class_path"].endswith(f".{model}")
+    test = fewshot.main(["test", *maml, "--ckpt_path=best"])
+    assert Path(test.trainer.ckpt_path).parent == tmp_path / "ckpt-MAML"
+    assert type(test.model).__name__ == "MAML"
+    assert not (Path.cwd() / "config.yaml").exists()
