@@ -177,6 +177,8 @@ def condense_parser_error(message: str) -> str:
     out: list[str] = []
     for line in message.splitlines():
         text = line.strip()
+        if not text:  # a blank line is no step out of the nesting
+            continue
         indent = len(line) - len(line.lstrip(" -"))
         while stack and stack[-1][0] >= indent:
             stack.pop()
@@ -226,6 +228,71 @@ def known_subclasses_of_ours(help_text: str) -> str:
             else f"{head}; any subclass by its class path{close}")
 
 
+#: the model class the running recipe accepts subclasses of (set by :class:`RecipeCLI`): the valid ``--model`` names.
+MODEL_BASE: list[type] = [torch.nn.Module]
+
+
+def class_choices(key: str) -> list[str]:
+    """The names a recipe accepts for the class option ``key`` (``model.architecture``, ``model.backbone``, ``model``,
+    ``data``, ...): ours by short name; empty where there is no fixed list."""
+    import lightning as L
+
+    last = key.rsplit(".", 1)[-1]
+
+    def exported(package, base) -> list[str]:
+        return sorted(n for n in package.__all__ if isinstance(getattr(package, n), type)
+                      and issubclass(getattr(package, n), base) and not inspect.isabstract(getattr(package, n)))
+
+    if last == "architecture":
+        from lightning_mtl.mtl.architectures import list_architectures
+
+        return list(list_architectures())
+    if last in ("backbone", "expert", "embedding"):
+        import lightning_mtl.nn as nn_
+
+        return exported(nn_, torch.nn.Module)
+    if last == "model":
+        import lightning_mtl.meta as meta
+        import lightning_mtl.mtl as mtl
+
+        return [n for n in exported(meta, MODEL_BASE[0]) + exported(mtl, MODEL_BASE[0]) if n != "EpisodicModule"]
+    if last == "data":
+        import lightning_mtl.datamodules as data
+
+        return [n for n in exported(data, L.LightningDataModule) if n != "MultiTaskDataModule"]
+    return []
+
+
+def explain_unknown_classes(text: str) -> str:
+    """jsonargparse's two lines for a class name it cannot import ("Expected a path but X either not accessible or
+    invalid", "Expected a dot import path string: X") as one that names the option, the closest valid name and the
+    valid names; a missing attribute of a module (``lightning_mtl.nn.Conv5``) gets the same list."""
+    import difflib
+
+    out, seen = [], set()
+    for line in text.splitlines():
+        unknown = (re.match(r"(?:(?P<key>[\w.]+): )?Expected a path but (?P<name>\S+) either not accessible", line)
+                   or re.match(r"(?:(?P<key>[\w.]+): )?Expected a dot import path string: (?P<name>[\w.]+)", line))
+        missing = re.match(r"(?P<key>[\w.]+): module '[\w.]+' has no attribute '(?P<name>\w+)'", line)
+        match = unknown or missing
+        key = match.group("key") if match else None
+        if match is None or key is None or key.endswith("balancer"):
+            out.append(line)
+            continue
+        name = match.group("name").rstrip(".")
+        choices = class_choices(key)
+        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], choices, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]}? " if close else "") + (
+            f"valid names: {', '.join(choices)} (or the full class path of your own, e.g. my_module.MyClass)"
+            if choices else "give the full class path (module.Class) of an importable class")
+        if missing:
+            out.extend([line, f"{key}: {hint}"])
+        elif (key, name) not in seen:
+            seen.add((key, name))
+            out.append(f"{key}: no class named '{name}'; {hint}")
+    return "\n".join(out)
+
+
 class RecipeHelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help, with our and the user's classes as the known choices, not all of ``torch.nn``."""
 
@@ -255,6 +322,7 @@ class RecipeParser(LightningArgumentParser):
                 text += (f"\n'{named.group(1)}' is a registered name and takes no arguments; to give arguments, name "
                          f"its class: --model.balancer {cls.__name__} (or class_path {cls.__module__}.{cls.__name__}"
                          f" in YAML) with --model.balancer.init_args.<name> <value>")
+        text = explain_unknown_classes(text)
         sys.stderr.write(f"error: {text}\n(`{prog} --help` lists the options; "
                          f"`--model.help CLASS` or `--data.help CLASS` the arguments of a class)\n")
         sys.exit(2)
@@ -352,6 +420,7 @@ class RecipeCLI(LightningCLI):
             sys.path.insert(0, os.getcwd())
         kwargs.setdefault("parser_class", RecipeParser)
         kwargs.setdefault("save_config_callback", RunConfig)
+        MODEL_BASE[0] = kwargs.get("model_class") or (args[0] if args else torch.nn.Module)
         sections = self.catalogue()
         if sections:  # `recipe.py --help` lists what exists, one line each
             parser_kwargs = dict(kwargs.get("parser_kwargs") or {})

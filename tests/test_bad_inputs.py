@@ -709,6 +709,14 @@ CLI_CASES = [
             "error: model: module 'lightning_mtl.meta' has no attribute 'ProtoNett'"),
     CliCase("unknown_backbone_class", QUICK, ("--model.backbone.class_path=lightning_mtl.nn.Conv5",),
             "error: model.backbone: module 'lightning_mtl.nn' has no attribute 'Conv5'"),
+    CliCase("unknown_backbone_name", QUICK, ("--model.backbone=Conv44",),
+            "error: model.backbone: no class named 'Conv44'; did you mean Conv4? valid names: ASPP, Conv4, "
+            "ConvEncoderDecoder, DeepLabHead, DeepLabResNet50, DropBlock, ResNet12, ResNet18, SegNet, TimmBackbone "
+            "(or the full class path of your own, e.g. my_module.MyClass)"),
+    CliCase("unknown_method_name", QUICK, ("--model=ProtoNett",),
+            "error: model: no class named 'ProtoNett'; did you mean ProtoNet? valid names: ANIL, EmbeddingBaseline, "
+            "LearnedOptimizer, MAML, MatchingNetwork, MetaOptNet, MetaSGD, ProtoNet, R2D2, RelationNetwork, Reptile, "
+            "SiameseNetwork (or the full class path of your own, e.g. my_module.MyClass)"),
     CliCase("unknown_subcommand", QUICK, ("fitt",),
             "error: argument subcommand: invalid choice: 'fitt' (choose from 'fit', 'validate', 'test')"),
 ]
@@ -765,15 +773,22 @@ def test_true_precision_takes_uint8_images(make):
      "GradientAggregator subclass)"),
     (("--model.balancer=lightning_mtl.mtl.balancing.aggregators.CAGrad", "--model.balancer.init_args.c=abc"),
      "error: model.balancer.c: Expected a <class 'float'>. Got value: abc."),
+    (("--model.architecture=MTANN",),
+     "error: model.architecture: no class named 'MTANN'; did you mean MTAN? valid names: CGC, CrossStitch, DSelectK, "
+     "HardSharing, LTB, MMoE, MTAN, PLE, SoftSharing (or the full class path of your own, e.g. my_module.MyClass)"),
+    (("--model.architecture.backbone=Conv44",),
+     "error: model.architecture.backbone: no class named 'Conv44'; did you mean Conv4? valid names: ASPP, Conv4, "
+     "ConvEncoderDecoder, DeepLabHead, DeepLabResNet50, DropBlock, ResNet12, ResNet18, SegNet, TimmBackbone (or the "
+     "full class path of your own, e.g. my_module.MyClass)"),
     (("--model.balancer=cagrad", "--model.balancer.init_args.c=0.3"),
      "'cagrad' is a registered name and takes no arguments; to give arguments, name its class: --model.balancer "
      "CAGrad (or class_path lightning_mtl.mtl.balancing.aggregators.CAGrad in YAML) with "
      "--model.balancer.init_args.<name> <value>"),
 ])
 def test_multitask_balancer_mistakes_are_one_message_before_any_data(args, expected, tmp_path, capsys, monkeypatch):
-    """A misspelled balancer, a wrong-typed argument, arguments given to a registered name: a few lines naming the
-    option and the fix, printed by the recipe's entry point without a traceback (before: 72 lines, two chained
-    tracebacks and a Namespace dump)."""
+    """A misspelled balancer, architecture or backbone, a wrong-typed argument, arguments given to a registered name:
+    a few lines naming the option and the fix, printed by the recipe's entry point without a traceback (before: 72
+    lines, two chained tracebacks and a Namespace dump)."""
     from lightning_mtl.cli import run
 
     multitask = load_recipe("multitask")
