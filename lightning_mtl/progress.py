@@ -23,7 +23,6 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from torch import Tensor
 
-
 #: above this many metrics a progress line keeps only the summaries (``val/metric_mean``, not ``val/<task>/acc``).
 MAX_METRICS = 12
 
@@ -54,7 +53,7 @@ def format_metrics(metrics: dict, prefix: str = "", limit: int | None = MAX_METR
         parts.append(text)
     if limit is not None and len(parts) > limit:
         names = [n for n in sorted(values) if not (n.endswith("_ci95") and n[: -len("_ci95")] in values)]
-        kept = [part for name, part in zip(names, parts) if name[len(prefix):].count("/") == 0]
+        kept = [part for name, part in zip(names, parts, strict=True) if name[len(prefix):].count("/") == 0]
         parts = [*kept, f"(+{len(parts) - len(kept)} per-task metrics in the logger)"]
     return " | ".join(parts)
 

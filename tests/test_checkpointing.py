@@ -128,9 +128,9 @@ def test_run_dirpath_names_config_and_model():
     protonet = File("recipes/configs/omniglot/protonet.yaml",
                     "model:\n  class_path: lightning_mtl.meta.ProtoNet\n  init_args:\n    backbone:\n"
                     "      class_path: lightning_mtl.nn.Conv4\n")
-    same = {"class_path": "lightning_mtl.meta.ProtoNet", "init_args": {"backbone": {"class_path":
-                                                                                     "lightning_mtl.nn.Conv4"}}}
-    maml = {"class_path": "lightning_mtl.meta.MAML", "init_args": {"backbone": {"class_path": "lightning_mtl.nn.Conv4"}}}
+    conv4 = {"backbone": {"class_path": "lightning_mtl.nn.Conv4"}}
+    same = {"class_path": "lightning_mtl.meta.ProtoNet", "init_args": conv4}
+    maml = {"class_path": "lightning_mtl.meta.MAML", "init_args": conv4}
     assert model_identity(maml) == ["MAML", "Conv4"]
     assert run_dirpath("runs/o/protonet/checkpoints", [protonet], same) == ("runs/o/protonet/checkpoints", None)
     path, why = run_dirpath("runs/o/protonet/checkpoints", [protonet], maml)
