@@ -90,17 +90,17 @@ def model_identity(model: object) -> list[str]:
     return names
 
 
-def config_file_model(files: list) -> dict | None:
-    """The ``model`` section of the last of the ``--config`` files that has one (``None`` without one)."""
+def config_file_section(files: list, key: str) -> object:
+    """The ``key`` section (``"model"``, ``"checkpoint"``) of the last of the ``--config`` files that has one."""
     import yaml
 
-    model = None
+    section = None
     for file in files or []:
         text = file.get_content() if hasattr(file, "get_content") else Path(str(file)).read_text()
         data = yaml.safe_load(text) or {}
-        if isinstance(data, dict) and data.get("model") is not None:
-            model = data["model"]
-    return model
+        if isinstance(data, dict) and data.get(key) is not None:
+            section = data[key]
+    return section
 
 
 def run_dirpath(dirpath: str | None, files: list, model: dict) -> tuple[str, str | None]:
@@ -110,15 +110,18 @@ def run_dirpath(dirpath: str | None, files: list, model: dict) -> tuple[str, str
     differs from the config file's (``--model MAML`` on a ProtoNet config, ``--model.architecture MTAN`` on a
     hard-sharing one) goes to a sibling named by what differs (``runs/<dataset>/<config>-MAML/checkpoints``), so runs
     of different models never share ``last.ckpt`` and ``--ckpt_path best|last`` of the same command line find that
-    run's own files. Without ``checkpoint.dirpath`` the folder is ``runs/<config file stem>-<model class>/
-    checkpoints`` (``runs/<model class>/checkpoints`` without a config file).
+    run's own files. A ``checkpoint.dirpath`` given on the command line is used as it is. Without one the folder is
+    ``runs/<config file stem>-<model class>/checkpoints`` (``runs/<model class>/checkpoints`` without a config file).
     """
     final = model_identity(model)
     if dirpath is None:
         stem = Path(str(files[-1])).stem if files else None
         name = f"{stem}-{final[0]}" if stem and final else (stem or (final[0] if final else "run"))
         return str(Path("runs") / name / "checkpoints"), "checkpoint.dirpath is not set"
-    given = model_identity(config_file_model(files))
+    checkpoint = config_file_section(files, "checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("dirpath") != dirpath:
+        return dirpath, None  # chosen on the command line (or not by a config file): the user's folder
+    given = model_identity(config_file_section(files, "model"))
     if not given or given == final:
         return dirpath, None
     changed = [name for i, name in enumerate(final) if i >= len(given) or given[i] != name] or final[:1]
@@ -255,7 +258,8 @@ def class_choices(key: str) -> list[str]:
         import lightning_mtl.meta as meta
         import lightning_mtl.mtl as mtl
 
-        return [n for n in exported(meta, MODEL_BASE[0]) + exported(mtl, MODEL_BASE[0]) if n != "EpisodicModule"]
+        bases = ("EpisodicModule", "GradientLearner")  # what a method subclasses, not a method
+        return [n for n in exported(meta, MODEL_BASE[0]) + exported(mtl, MODEL_BASE[0]) if n not in bases]
     if last == "data":
         import lightning_mtl.datamodules as data
 

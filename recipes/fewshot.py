@@ -26,12 +26,12 @@ class FewShotCLI(RecipeCLI):
         import lightning_mtl.meta as meta
         import lightning_mtl.nn as backbones
 
-        def subclasses(module, base) -> dict[str, object]:
+        def subclasses(module, base, *bases) -> dict[str, object]:
             return {n: getattr(module, n) for n in sorted(module.__all__)
                     if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base)
-                    and getattr(module, n) is not base}
+                    and getattr(module, n) not in (base, *bases)}
 
-        return {"models (--model)": subclasses(meta, EpisodicModule),
+        return {"models (--model)": subclasses(meta, EpisodicModule, meta.GradientLearner),
                 "episodic datamodules (--data)": {n: getattr(data, n) for n in ("OmniglotEpisodes",
                                                   "MiniImageNetEpisodes", "ImageFolderEpisodes",
                                                   "TaskDatasetEpisodes")},

@@ -127,7 +127,7 @@ def test_run_dirpath_names_config_and_model():
 
     protonet = File("recipes/configs/omniglot/protonet.yaml",
                     "model:\n  class_path: lightning_mtl.meta.ProtoNet\n  init_args:\n    backbone:\n"
-                    "      class_path: lightning_mtl.nn.Conv4\n")
+                    "      class_path: lightning_mtl.nn.Conv4\ncheckpoint:\n  dirpath: runs/o/protonet/checkpoints\n")
     conv4 = {"backbone": {"class_path": "lightning_mtl.nn.Conv4"}}
     same = {"class_path": "lightning_mtl.meta.ProtoNet", "init_args": conv4}
     maml = {"class_path": "lightning_mtl.meta.MAML", "init_args": conv4}
@@ -135,11 +135,12 @@ def test_run_dirpath_names_config_and_model():
     assert run_dirpath("runs/o/protonet/checkpoints", [protonet], same) == ("runs/o/protonet/checkpoints", None)
     path, why = run_dirpath("runs/o/protonet/checkpoints", [protonet], maml)
     assert path == "runs/o/protonet-MAML/checkpoints" and "ProtoNet" in why and "MAML" in why
-    assert run_dirpath("/tmp/x/ckpt", [protonet], maml)[0] == "/tmp/x/ckpt-MAML"
+    assert run_dirpath("/tmp/x/ckpt", [protonet], maml) == ("/tmp/x/ckpt", None)  # given on the command line
     assert run_dirpath(None, [protonet], maml)[0] == "runs/protonet-MAML/checkpoints"
     assert run_dirpath(None, [], maml)[0] == "runs/MAML/checkpoints"
     hps = File("hps.yaml", "model:\n  class_path: lightning_mtl.mtl.MultiTaskModule\n  init_args:\n    architecture:\n"
-                           "      class_path: lightning_mtl.mtl.architectures.HardSharing\n    balancer: equal\n")
+                           "      class_path: lightning_mtl.mtl.architectures.HardSharing\n    balancer: equal\n"
+                           "checkpoint:\n  dirpath: runs/m/hps/checkpoints\n")
     mtan = {"class_path": "lightning_mtl.mtl.MultiTaskModule",
             "init_args": {"architecture": {"class_path": "lightning_mtl.mtl.architectures.MTAN"}, "balancer": "pcgrad"}}
     assert run_dirpath("runs/m/hps/checkpoints", [hps], mtan)[0] == "runs/m/hps-MTAN-pcgrad/checkpoints"

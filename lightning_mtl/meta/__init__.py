@@ -1,9 +1,11 @@
-"""Episodic meta-learners: gradient-based (MAML / FOMAML, ANIL, Meta-SGD, Reptile), metric-based (ProtoNet, Matching,
-Relation and Siamese networks), closed-form heads (R2D2 ridge regression, MetaOptNet SVM), a learned optimizer, and
-the pretrained-embedding baseline of Tian et al. (EmbeddingBaseline)."""
+"""Episodic meta-learners: gradient-based on one core (``GradientLearner``: MAML / FOMAML, ANIL, Meta-SGD, Reptile, a
+learned optimizer), metric-based (ProtoNet, Matching,
+Relation and Siamese networks), closed-form heads (R2D2 ridge regression, MetaOptNet SVM), and the pretrained-embedding
+baseline of Tian et al. (EmbeddingBaseline)."""
 
 from lightning_mtl.meta.anil import ANIL
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.meta.gradient_based import Adaptation, GradientLearner
 from lightning_mtl.meta.learned_optimizer import LearnedOptimizer, MetaLearnerLSTM
 from lightning_mtl.meta.maml import MAML
 from lightning_mtl.meta.matching import FullContextEmbedding, MatchingNetwork, matching_log_probs
@@ -19,10 +21,12 @@ from lightning_mtl.meta.siamese import KochEmbedding, SiameseNetwork, nearest_su
 __all__ = [
     "ANIL",
     "MAML",
+    "Adaptation",
     "R2D2",
     "EmbeddingBaseline",
     "EpisodicModule",
     "FullContextEmbedding",
+    "GradientLearner",
     "KochEmbedding",
     "LearnedOptimizer",
     "MatchingNetwork",

@@ -12,19 +12,19 @@ ANIL adapts the head only, on features computed once per task:
 
 The outer optimizer trains theta and (w, b). The second-order meta-gradient differentiates through the head updates
 (and so through z_s into theta); with ``first_order=True`` the inner gradients are constants and theta only receives
-the gradient through z_q. Evaluation adapts the head on the support set in the same way. Everything else (arguments,
-default transductive-BatchNorm :class:`~lightning_mtl.nn.Conv4`, evaluation with gradients re-enabled under
-``inference_mode``) is :class:`~lightning_mtl.meta.maml.MAML`'s; the paper keeps MAML's architecture and
-hyper-parameters.
+the gradient through z_q. Evaluation adapts the head on the support set in the same way. The update rule and every
+argument are :class:`~lightning_mtl.meta.maml.MAML`'s (the paper keeps MAML's architecture and hyper-parameters);
+what differs is what the core's inner loop adapts (:meth:`ANIL.fast_parameters`) and that it reuses the support
+features (:meth:`ANIL.inner_logits`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from lightning_mtl.meta.gradient_based import _part
 from lightning_mtl.meta.maml import MAML
 
 
@@ -45,25 +45,13 @@ class ANIL(MAML):
         lr_scheduler: outer scheduler factory, stepped every meta-batch.
     """
 
-    def features(self, x: Tensor) -> Tensor:
-        """Backbone features ``(N, D)`` of images ``x`` under the module's own parameters."""
-        return self.net[:-1](self.images(x))
+    def fast_parameters(self) -> dict[str, Tensor]:
+        """The head's parameters only: the backbone is never adapted."""
+        return dict(self.head.named_parameters(prefix="head"))
 
-    def adapt(self, x: Tensor, y: Tensor, steps: int, lr: float, create_graph: bool) -> dict[str, Tensor]:
-        """Parameters after ``steps`` gradient steps of the head on the support set ``(x, y)``.
-
-        The backbone runs once on ``x``; its entries in the returned dictionary are the module's own parameters
-        (the very same tensors). With ``create_graph=True`` the adapted head is differentiable with respect to the
-        backbone and the initial head (second order); otherwise the inner gradients are constants.
-        """
-        head_index = str(len(self.net) - 1)
-        params = dict(self.net.named_parameters())
-        head = dict(self.net[-1].named_parameters())
+    def inner_logits(self, x: Tensor, create_graph: bool):
+        """The backbone runs once on ``x``; the inner loop only re-runs the head on its features."""
         # First order needs no path from the support features back to the backbone: skip recording it.
         with torch.set_grad_enabled(create_graph):
             z = self.features(x)  # (ways * shots, D)
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(self.net[-1], head, (z,)), y)
-            grads = torch.autograd.grad(loss, list(head.values()), create_graph=create_graph)
-            head = {name: p - lr * g for (name, p), g in zip(head.items(), grads, strict=True)}
-        return {**params, **{f"{head_index}.{name}": p for name, p in head.items()}}
+        return lambda params: functional_call(self.head, _part(params, "head."), (z,))

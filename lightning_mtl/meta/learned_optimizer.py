@@ -19,14 +19,14 @@ constants (``first_order=True``); ``first_order=False`` also differentiates thro
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.checkpointing import save_hyperparameters
-from lightning_mtl.meta.maml import MAML
+from lightning_mtl.meta.gradient_based import GradientLearner
 
 
 def preprocess(x: Tensor, p: float = 10.0) -> Tensor:
@@ -68,11 +68,12 @@ class MetaLearnerLSTM(nn.Module):
         return f * theta - i * grad, i, f
 
 
-class LearnedOptimizer(MAML):
+class LearnedOptimizer(GradientLearner):
     """Few-shot classifier adapted by a meta-learned update rule (:class:`MetaLearnerLSTM`) instead of SGD.
 
-    The classifier (``backbone`` + linear head) and its evaluation follow :class:`MAML`; the inner loop runs the
-    learned rule for ``inner_steps`` (training) or ``eval_inner_steps`` (evaluation) updates on the support set.
+    The classifier (``backbone`` + linear head), its inner loop and its evaluation are the core's
+    (:class:`~lightning_mtl.meta.gradient_based.GradientLearner`); the update rule is the learned one, run for
+    ``inner_steps`` (training) or ``eval_inner_steps`` (evaluation) updates on the support set.
 
     Args:
         ways: classes per episode.
@@ -106,25 +107,19 @@ class LearnedOptimizer(MAML):
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.update_rule = MetaLearnerLSTM(input_bias, forget_bias)
 
-    def inner_lr(self, stage: str) -> float:
-        return 0.0  # unused: the rule learns its own step sizes
+    def init_state(self, params: dict[str, Tensor], stage: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """The gates ``(i_0, f_0)`` of every parameter."""
+        return {name: self.update_rule.initial_gates(p) for name, p in params.items()}
 
-    def adapt(self, x: Tensor, y: Tensor, steps: int, lr: float, create_graph: bool) -> dict[str, Tensor]:
-        """Parameters after ``steps`` learned updates on ``(x, y)`` (``lr`` is unused: the rule learns its steps).
-
-        The result is differentiable w.r.t. ``theta_0`` and the rule whenever gradients are enabled; ``create_graph``
-        (second order) also keeps the learner's gradients in the graph.
-        """
-        params = dict(self.net.named_parameters())
-        gates = {name: self.update_rule.initial_gates(p) for name, p in params.items()}
-        for _ in range(steps):
-            loss = F.cross_entropy(self(x, params), y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-            if not create_graph:  # first order: the rule sees the learner's gradient and loss as plain inputs
-                grads, loss = [g.detach() for g in grads], loss.detach()
-            new = {}
-            for (name, p), g in zip(params.items(), grads, strict=True):
-                new[name], i, f = self.update_rule(p, g, loss, *gates[name])
-                gates[name] = (i, f)
-            params = new
-        return params
+    def update(self, params: dict[str, Tensor], grads: dict[str, Tensor], loss: Tensor, state: Any, stage: str,
+               create_graph: bool) -> tuple[dict[str, Tensor], Any]:
+        """One learned update of every parameter. The result is differentiable w.r.t. ``theta_0`` and the rule
+        whenever gradients are enabled; ``create_graph`` (second order) also keeps the learner's gradients in the
+        graph, otherwise the rule sees them and the loss as plain inputs."""
+        if not create_graph:
+            grads, loss = {name: g.detach() for name, g in grads.items()}, loss.detach()
+        new, gates = {}, {}
+        for name, p in params.items():
+            new[name], i, f = self.update_rule(p, grads[name], loss, *state[name])
+            gates[name] = (i, f)
+        return new, gates

@@ -17,15 +17,17 @@ BatchNorm :class:`~lightning_mtl.nn.Conv4` and evaluation (gradients re-enabled 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_mtl.meta.maml import MAML
+from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta.gradient_based import GradientLearner
 
 
-class MetaSGD(MAML):
+class MetaSGD(GradientLearner):
     """Meta-SGD classifier: ``backbone`` → linear head of ``ways`` outputs, adapted with learned per-parameter steps.
 
     Args:
@@ -56,29 +58,18 @@ class MetaSGD(MAML):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            ways=ways, backbone=backbone, image_shape=image_shape, inner_lr=alpha_init, inner_steps=inner_steps,
-            eval_inner_lr=None, eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-        )
-        # one alpha per parameter tensor of self.net, in named_parameters() order (full_like keeps memory formats)
-        self.alpha = nn.ParameterList([nn.Parameter(torch.full_like(p, alpha_init)) for p in self.net.parameters()])
+        super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler)
+        save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
+        # one alpha per parameter tensor of backbone and head, in fast_parameters() order (full_like keeps memory
+        # formats)
+        self.alpha = nn.ParameterList([nn.Parameter(torch.full_like(p, alpha_init))
+                                       for p in self.fast_parameters().values()])
 
-    def inner_lr(self, stage: str) -> float:
-        return 0.0  # unused: the learned alpha replaces the scalar step size
-
-    def adapt(self, x: Tensor, y: Tensor, steps: int, lr: float, create_graph: bool) -> dict[str, Tensor]:
-        """Parameters after ``steps`` updates ``theta - alpha ⊙ grad`` on the support set ``(x, y)``.
-
-        ``lr`` is ignored: the learned alpha sets every step. With ``create_graph=True`` the result is differentiable
-        with respect to theta and alpha (second order); otherwise the inner gradients are constants, and the result is
-        still differentiable with respect to alpha.
-        """
-        params = dict(self.net.named_parameters())
-        for _ in range(steps):
-            loss = F.cross_entropy(self(x, params), y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-            params = {
-                name: p - a * g for (name, p), a, g in zip(params.items(), self.alpha, grads, strict=True)
-            }
-        return params
+    def update(self, params: dict[str, Tensor], grads: dict[str, Tensor], loss: Tensor, state: Any, stage: str,
+               create_graph: bool) -> tuple[dict[str, Tensor], Any]:
+        """``theta - alpha ⊙ g``. With ``create_graph=True`` the result is differentiable with respect to theta and
+        alpha (second order); otherwise the inner gradients are constants, and the result is still differentiable
+        with respect to alpha."""
+        return {name: p - a * grads[name] for (name, p), a in zip(params.items(), self.alpha, strict=True)}, state

@@ -31,23 +31,23 @@ Inner Adam (the paper's Omniglot setup, with beta1 = 0) has two modes, ``inner_s
 
 ``train/loss`` and ``train/acc`` are those of the last inner mini-batch before its update, averaged over the
 meta-batch: how well a task is fit after k - 1 steps.
+
+The network (``backbone`` → ``head``), the inner loop, the episode checks and evaluation are the core's
+(:class:`~lightning_mtl.meta.gradient_based.GradientLearner`); Reptile supplies its update rule (a step of the inner
+``torch.optim`` optimizer, whose state is the rule's state), the mini-batch schedule, and its outer update.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
-from lightning_mtl.meta.base import EpisodicModule
-from lightning_mtl.nn import Conv4
-from lightning_mtl.nn.probe import feature_dim
+from lightning_mtl.meta.gradient_based import GradientLearner
 
 
 def _autocast_without_cache(device_type: str) -> contextlib.AbstractContextManager:
@@ -63,7 +63,7 @@ def _autocast_without_cache(device_type: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
-class Reptile(EpisodicModule):
+class Reptile(GradientLearner):
     """Reptile classifier: ``backbone`` followed by a linear head of ``ways`` outputs, trained with Reptile updates.
 
     Args:
@@ -88,10 +88,6 @@ class Reptile(EpisodicModule):
             or step sizes.
     """
 
-    @property
-    def fixed_ways(self) -> int:
-        return self.hparams.ways
-
     def __init__(
         self,
         ways: int = 5,
@@ -108,9 +104,6 @@ class Reptile(EpisodicModule):
         eval_inner_lr: float | None = None,
         eval_inner_steps: int = 50,
     ) -> None:
-        super().__init__()
-        if ways < 2:
-            raise ValueError(f"Reptile needs ways >= 2, got {ways}")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
         if inner_state not in ("carried", "fresh"):
@@ -122,99 +115,91 @@ class Reptile(EpisodicModule):
         if inner_lr <= 0 or outer_lr <= 0 or outer_lr_final < 0:
             raise ValueError(f"need inner_lr > 0, outer_lr > 0, outer_lr_final >= 0; got {inner_lr}, {outer_lr}, "
                              f"{outer_lr_final}")
+        super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=True)
         save_hyperparameters(self, ["backbone"])
         self.automatic_optimization = False
-        backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0], track_running_stats=False)
-        self.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(feature_dim(backbone, image_shape), ways))
         # the carried inner Adam state: buffers, so that it follows the module's device and is checkpointed
         self.inner_adam = nn.Module()
         if inner_state == "carried" and inner_optimizer == "adam":
             self.inner_adam.register_buffer("step", torch.zeros(()))
-            for name, p in self.net.named_parameters():
+            for name, p in self.fast_parameters().items():
                 key = name.replace(".", "__")
                 self.inner_adam.register_buffer(f"{key}__exp_avg", torch.zeros_like(p))
                 self.inner_adam.register_buffer(f"{key}__exp_avg_sq", torch.zeros_like(p))
 
     def inner_adam_state(self) -> dict[str, dict[str, Tensor]] | None:
-        """The carried inner Adam state keyed like ``self.net.named_parameters()`` (views of the buffers), or
-        ``None`` with ``inner_state="fresh"``."""
+        """The carried inner Adam state keyed like :meth:`fast_parameters` (views of the buffers), or ``None`` with
+        ``inner_state="fresh"``."""
         buffers = dict(self.inner_adam.named_buffers())
         if not buffers:  # registered only for a carried Adam state
             return None
         return {
             name: {"step": buffers["step"], "exp_avg": buffers[f"{name.replace('.', '__')}__exp_avg"],
                    "exp_avg_sq": buffers[f"{name.replace('.', '__')}__exp_avg_sq"]}
-            for name, _ in self.net.named_parameters()
+            for name in self.fast_parameters()
         }
 
-    def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
-        """Logits of images ``x`` under ``params`` (the module's own parameters if ``None``)."""
-        x = self.images(x)
-        return self.net(x) if params is None else functional_call(self.net, params, (x,), strict=False)
+    def inner_lr(self, stage: str) -> float:
+        """The inner optimizer's step size at ``stage`` ("train", "val" or "test")."""
+        hp = self.hparams
+        return hp.eval_inner_lr if stage != "train" and hp.eval_inner_lr is not None else hp.inner_lr
 
-    def task_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The inner-loop objective: mean cross-entropy (override for other losses)."""
-        return F.cross_entropy(logits, y)
+    def init_state(self, params: dict[str, Tensor], stage: str) -> torch.optim.Optimizer:
+        """The rule's state is the inner optimizer over ``params``; inner Adam with a carried state starts from a copy
+        of it."""
+        leaves = list(params.values())
+        if self.hparams.inner_optimizer == "sgd":
+            return torch.optim.SGD(leaves, lr=self.inner_lr(stage))
+        inner = torch.optim.Adam(leaves, lr=self.inner_lr(stage), betas=self.hparams.inner_betas)
+        carried = self.inner_adam_state()
+        if carried is not None:
+            for name, p in params.items():
+                # a CPU float32 step, as Adam keeps it when not capturable
+                inner.state[p] = {k: v.to("cpu", torch.float32, copy=True) if k == "step" else v.clone()
+                                  for k, v in carried[name].items()}
+        return inner
 
-    def adapt(
-        self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None, carry: bool = False
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Run ``steps`` inner-optimizer updates from the module's parameters on the task data ``(x, y)``.
+    def update(self, params: dict[str, Tensor], grads: dict[str, Tensor], loss: Tensor, state: Any, stage: str,
+               create_graph: bool) -> tuple[dict[str, Tensor], Any]:
+        """One step of the inner optimizer (in place: the parameters are detached leaves of this task)."""
+        for name, p in params.items():
+            p.grad = grads[name]
+        state.step()
+        return params, state
+
+    def adapt_task(self, x: Tensor, y: Tensor, steps: int, stage: str, batch_size: int | None,
+                   carry: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Run ``steps`` inner-optimizer updates from the module's parameters on the task data ``(x, y)``, in
+        mini-batches of ``batch_size`` (``None``: all of it) drawn without replacement, reshuffled after each pass.
 
         With ``inner_state="carried"`` inner Adam starts from a copy of the carried state, which is then replaced by
         the state the task ends with if ``carry`` (training) and left unchanged otherwise (evaluation).
 
         Returns:
-            The adapted parameters phi (detached, keyed like ``self.net.named_parameters()``), and the loss and
-            accuracy of the last mini-batch before its update (``nan`` when ``steps == 0``).
+            The adapted parameters phi (detached, keyed like :meth:`fast_parameters`), and the loss and accuracy of
+            the last mini-batch before its update (``nan`` when ``steps == 0``).
         """
-        params = {name: p.detach().clone().requires_grad_() for name, p in self.net.named_parameters()}
-        leaves = list(params.values())
-        if self.hparams.inner_optimizer == "adam":
-            inner = torch.optim.Adam(leaves, lr=lr, betas=self.hparams.inner_betas)
-            carried = self.inner_adam_state()
-            if carried is not None:
-                for name, p in params.items():
-                    # a CPU float32 step, as Adam keeps it when not capturable
-                    inner.state[p] = {k: v.to("cpu", torch.float32, copy=True) if k == "step" else v.clone()
-                                      for k, v in carried[name].items()}
-        else:
-            carried = None
-            inner = torch.optim.SGD(leaves, lr=lr)
+        params = {name: p.detach().clone().requires_grad_() for name, p in self.fast_parameters().items()}
         n = x.shape[0]
         size = n if batch_size is None else min(batch_size, n)
         # consecutive slices of back-to-back random permutations: passes without replacement over the task's data
-        order = torch.cat([torch.randperm(n, device=x.device) for _ in range(-(-steps * size // n))])
-        loss = acc = torch.tensor(float("nan"), device=x.device)
+        passes = -(-steps * size // n)
+        order = torch.cat([torch.randperm(n, device=x.device) for _ in range(passes)]) if passes else \
+            torch.zeros(0, dtype=torch.long, device=x.device)
+        batches = order[: steps * size].view(steps, size)
         with _autocast_without_cache(x.device.type):  # the inner optimizer updates the leaves in place
-            for step in range(steps):
-                idx = order[step * size : (step + 1) * size]
-                logits = self(x[idx], params)
-                loss = self.task_loss(logits, y[idx])
-                for p, g in zip(leaves, torch.autograd.grad(loss, leaves), strict=True):
-                    p.grad = g
-                inner.step()
+            adapted = self.adapt(x, y, steps, stage, create_graph=False, batches=batches, params=params)
+        loss = acc = torch.tensor(float("nan"), device=x.device)
         if steps:
-            acc = (logits.argmax(-1) == y[idx]).float().mean()
+            loss, acc = adapted.loss, (adapted.logits.argmax(-1) == y[batches[-1]]).float().mean()
+            carried = self.inner_adam_state()
             if carry and carried is not None:
                 with torch.no_grad():
-                    for name, p in params.items():
+                    for name, p in adapted.params.items():
                         for k, v in carried[name].items():
-                            v.copy_(inner.state[p][k])
-        return {name: p.detach() for name, p in params.items()}, loss.detach(), acc
-
-    def _check_episode(self, episode: Episode) -> None:
-        hp = self.hparams
-        if episode.ways != hp.ways:
-            raise ValueError(
-                f"episodes are {episode.ways}-way but the Reptile head has {hp.ways} outputs; give the model and "
-                f"every stage of the datamodule the same ways (--model.ways, --data.train_ways, --data.eval_ways)."
-            )
-        if tuple(episode.support_x.shape[-3:]) != tuple(hp.image_shape):
-            raise ValueError(
-                f"episodes hold images of shape {tuple(episode.support_x.shape[-3:])} but the head was sized for "
-                f"image_shape {tuple(hp.image_shape)}; set model image_shape to the datamodule's (C, H, W)."
-            )
+                            v.copy_(adapted.state.state[p][k])
+        return {name: p.detach() for name, p in adapted.params.items()}, loss.detach(), acc
 
     def outer_step_size(self, step: int, total_steps: int) -> float:
         """epsilon_t = epsilon + (epsilon_final - epsilon) * step / total_steps (the paper's linear annealing)."""
@@ -232,14 +217,14 @@ class Reptile(EpisodicModule):
 
     def training_step(self, episode: Episode, batch_idx: int) -> None:
         self.validate_episode(episode)
-        self._check_episode(episode)
+        self.check_shapes(episode)
         log = self.logs_this_step()  # decided before optimizer.step() advances global_step
         hp = self.hparams
         x = torch.cat([episode.support_x, episode.query_x], 1)  # (B, ways * (shots + queries), C, H, W)
         y = torch.cat([episode.support_y, episode.query_y], 1)
         b = episode.meta_batch_size
         # tasks run one after the other; with a carried inner state each starts from the state the previous left
-        phis, losses, accs = zip(*(self.adapt(x[i], y[i], hp.inner_steps, hp.inner_lr, hp.inner_batch_size, True)
+        phis, losses, accs = zip(*(self.adapt_task(x[i], y[i], hp.inner_steps, "train", hp.inner_batch_size, True)
                                    for i in range(b)), strict=True)
         buffers = list(self.inner_adam.buffers())
         if buffers and self._trainer is not None and self.trainer.world_size > 1:
@@ -248,7 +233,7 @@ class Reptile(EpisodicModule):
             for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
                 buffer.copy_(mean.view_as(buffer))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        for name, p in self.net.named_parameters():
+        for name, p in self.fast_parameters().items():
             mean_phi = sum(phi[name] for phi in phis) / b
             if self._trainer is not None:  # average over processes, so that every rank applies the same update
                 mean_phi = self.trainer.strategy.reduce(mean_phi, reduce_op="mean")
@@ -260,18 +245,9 @@ class Reptile(EpisodicModule):
             self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b)
             self.log("train/acc", torch.stack(accs).mean(), prog_bar=True, batch_size=b)
 
-    def episode_logits(self, episode: Episode, stage: str) -> Tensor:
-        """Query logits ``(B, ways * queries, ways)`` after adapting on each support set (validation / test)."""
-        self._check_episode(episode)
-        hp = self.hparams
-        steps = hp.inner_steps if stage == "train" else hp.eval_inner_steps
-        lr = hp.inner_lr if stage == "train" or hp.eval_inner_lr is None else hp.eval_inner_lr
-        # Evaluation runs under no_grad / inference_mode, but adaptation needs gradients: re-enable them locally and
-        # clone the inputs, which may be inference tensors.
-        with torch.inference_mode(False), torch.enable_grad():
-            episode = Episode(*(t.clone() for t in episode[:4]), episode.ways)
-            logits = []
-            for i in range(episode.meta_batch_size):
-                phi, _, _ = self.adapt(episode.support_x[i], episode.support_y[i], steps, lr, None)
-                logits.append(self(episode.query_x[i], phi).detach())
-        return torch.stack(logits)
+    def task_logits(self, episode: Episode, i: int, stage: str) -> Tensor:
+        """Query logits of task ``i`` after adapting on its whole support set (validation / test), leaving the carried
+        inner state alone."""
+        steps = self.hparams.inner_steps if stage == "train" else self.hparams.eval_inner_steps
+        phi, _, _ = self.adapt_task(episode.support_x[i], episode.support_y[i], steps, stage, None)
+        return self(episode.query_x[i], phi)

@@ -32,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl import Episode
@@ -98,13 +99,14 @@ def raw_maml_step(model: MAML, opt, scaler, ep: Episode, device, precision) -> N
     qx, qy = ep.query_x.to(device, non_blocking=True), ep.query_y.to(device, non_blocking=True)
     with autocast(device, precision):
         logits = []
+        net = nn.Sequential(model.backbone, nn.Flatten(), model.head)  # the same parameters, a plain module
         for i in range(sx.shape[0]):
-            params = dict(model.net.named_parameters())
+            params = dict(net.named_parameters())
             for _ in range(hp.inner_steps):
-                inner = F.cross_entropy(torch.func.functional_call(model.net, params, (sx[i].float() / 255,)), sy[i])
+                inner = F.cross_entropy(torch.func.functional_call(net, params, (sx[i].float() / 255,)), sy[i])
                 grads = torch.autograd.grad(inner, list(params.values()), create_graph=not hp.first_order)
                 params = {n: p - hp.inner_lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
-            logits.append(torch.func.functional_call(model.net, params, (qx[i].float() / 255,)))
+            logits.append(torch.func.functional_call(net, params, (qx[i].float() / 255,)))
     loss = F.cross_entropy(torch.stack(logits).flatten(0, 1).float(), qy.flatten())
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -189,7 +191,8 @@ def time_l2l_maml(episodes, device, precision, warmup, layout="same") -> float:
     torch.manual_seed(0)
     model = MAML(ways=episodes[0].ways, backbone=l2l_backbone(layout, True))
     hp = model.hparams
-    maml = l2l.algorithms.MAML(model.net, lr=hp.inner_lr, first_order=hp.first_order).to(device)
+    net = nn.Sequential(model.backbone, nn.Flatten(), model.head)  # the same parameters, as l2l wraps them
+    maml = l2l.algorithms.MAML(net, lr=hp.inner_lr, first_order=hp.first_order).to(device)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     for i, ep in enumerate(episodes):

@@ -97,7 +97,7 @@ def test_ddp_averages_the_carried_reptile_inner_state(states):
         part = matrix_worker.episode_slice(episode, rank, 2)
         x, y = torch.cat([part.support_x, part.query_x], 1), torch.cat([part.support_y, part.query_y], 1)
         for i in range(part.meta_batch_size):
-            replica.adapt(x[i], y[i], steps=2, lr=1e-2, batch_size=None, carry=True)
+            replica.adapt_task(x[i], y[i], 2, "train", None, carry=True)
         reached.append({k: v.clone() for k, v in replica.inner_adam.named_buffers()})
     first = states[2, "32"]["reptile_carried"]["first"]
     assert first["inner_adam.step"].item() == 2  # one task of 2 inner steps per rank

@@ -42,7 +42,7 @@ def test_meta_gradient_matches_finite_differences():
 
     # first order drops the path through the head updates: a different backbone gradient here
     model.zero_grad()
-    model.hparams.first_order = True
+    model.first_order = True
     meta_loss(model, episode).backward()
     assert (flat_grad(model) - analytic).abs().max() > 1e-4
 
@@ -50,13 +50,11 @@ def test_meta_gradient_matches_finite_differences():
 def test_inner_loop_adapts_only_the_head_and_runs_the_backbone_once_per_set():
     model, episode = tiny_anil(), tiny_episode()
     calls = []
-    model.net[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    params = model.adapt(episode.support_x[0], episode.support_y[0], steps=3, lr=0.5, create_graph=True)
-    for name, p in model.net.named_parameters():
-        if name.startswith("0."):
-            assert params[name] is p, f"backbone parameter {name} was adapted"
-        else:
-            assert not torch.equal(params[name], p), f"head parameter {name} was not adapted"
+    model.backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    params = model.adapt(episode.support_x[0], episode.support_y[0], 3, "train", create_graph=True).params
+    assert params.keys() == {"head.weight", "head.bias"}, "only the head is adapted"
+    for name, p in model.head.named_parameters(prefix="head"):
+        assert not torch.equal(params[name], p), f"head parameter {name} was not adapted"
     assert calls == [6], "the backbone must run once on the support set, not once per inner step"
     calls.clear()
     model.episode_logits(episode, "train")  # two tasks: support once and query once each
@@ -80,8 +78,8 @@ def test_linear_backbone_closed_form():
                  inner_lr=lr, inner_steps=1).double()
     episode = tiny_episode(ways=ways, meta_batch=1)
     logits = model.episode_logits(episode, "train")[0].detach().numpy()
-    backbone = model.net[0][1].weight.detach().numpy()
-    w, b = model.net[-1].weight.detach().numpy(), model.net[-1].bias.detach().numpy()
+    backbone = model.backbone[1].weight.detach().numpy()
+    w, b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
     zs = episode.support_x[0].reshape(-1, 4).numpy() @ backbone.T  # (6, 6) support features
     zq = episode.query_x[0].reshape(-1, 4).numpy() @ backbone.T
     gw, gb = softmax_regression_grad(w, b, zs, episode.support_y[0].numpy(), ways)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_mtl import Episode
 from lightning_mtl.meta import MAML, prototypes, squared_euclidean_logits
@@ -26,7 +27,8 @@ def test_maml_meta_gradient_equals_learn2learn(l2l, first_order):
     torch.manual_seed(0)
     backbone = Conv4(in_channels=1, hidden_channels=8, out_channels=8, track_running_stats=False, channels_last=False)
     ours = MAML(ways=5, backbone=backbone, inner_lr=0.4, inner_steps=2, first_order=first_order).double()
-    theirs = l2l.algorithms.MAML(copy.deepcopy(ours.net), lr=0.4, first_order=first_order)
+    net = nn.Sequential(copy.deepcopy(ours.backbone), nn.Flatten(), copy.deepcopy(ours.head))  # l2l's layout
+    theirs = l2l.algorithms.MAML(net, lr=0.4, first_order=first_order)
     ep = _episode()
 
     loss, _ = ours._step(ep, "train")
@@ -40,7 +42,7 @@ def test_maml_meta_gradient_equals_learn2learn(l2l, first_order):
 
     # our base class takes the query cross-entropy in float32 (for bf16 models); the rest of both graphs is float64
     torch.testing.assert_close(loss, their_loss.float(), rtol=0, atol=1e-6)
-    for (name, p), q in zip(ours.net.named_parameters(), theirs.module.parameters(), strict=True):
+    for (name, p), q in zip(ours.fast_parameters().items(), theirs.module.parameters(), strict=True):
         assert q.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"meta-gradient of {name}")
 

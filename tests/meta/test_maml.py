@@ -35,7 +35,7 @@ def test_second_order_meta_gradient_matches_finite_differences():
 
     # first order differs from the true meta-gradient here (non-linear network, two inner steps)
     model.zero_grad()
-    model.hparams.first_order = True
+    model.first_order = True
     meta_loss(model, episode).backward()
     fo = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (fo - analytic).abs().max() > 1e-4
@@ -57,7 +57,7 @@ def test_fomaml_gradient_matches_closed_form():
     episode = tiny_episode(ways=ways, meta_batch=2)
     meta_loss(model, episode).backward()
 
-    head = model.net[-1]
+    head = model.head
     w0, b0 = head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()
     gw_total, gb_total = 0, 0
     for t in range(2):

@@ -27,7 +27,7 @@ def test_meta_gradient_wrt_theta_and_alpha_matches_finite_differences():
     model, episode = tiny_meta_sgd(inner_steps=2), tiny_episode()
     meta_loss(model, episode).backward()
     params = list(model.parameters())
-    assert len(params) == 2 * len(list(model.net.parameters())), "theta and alpha are both meta-learned"
+    assert len(params) == 2 * len(model.fast_parameters()), "theta and alpha are both meta-learned"
     analytic = torch.cat([p.grad.flatten() for p in params])
     eps, numeric = 1e-6, []
     for p in params:
@@ -48,7 +48,7 @@ def test_one_step_alpha_gradient_is_minus_support_grad_times_query_grad(first_or
     """theta' = theta - alpha * g_s with g_s free of alpha, so dL_q(theta')/dalpha = -g_s * grad L_q(theta')."""
     model, episode = tiny_meta_sgd(first_order=first_order), tiny_episode(meta_batch=1)
     meta_loss(model, episode).backward()
-    theta = dict(model.net.named_parameters())
+    theta = model.fast_parameters()
     g_s = torch.autograd.grad(F.cross_entropy(model(episode.support_x[0]), episode.support_y[0]), list(theta.values()))
     steps = zip(theta.items(), model.alpha, g_s, strict=True)
     adapted = {n: (p - a * g).detach().requires_grad_() for (n, p), a, g in steps}
@@ -71,8 +71,8 @@ def test_constant_alpha_gives_exactly_maml_adapted_parameters(steps):
             a.fill_(c)
     episode = tiny_episode()
     x, y = episode.support_x[0], episode.support_y[0]
-    ours = meta_sgd.adapt(x, y, steps, lr=float("nan"), create_graph=True)  # lr is unused by Meta-SGD
-    theirs = maml.adapt(x, y, steps, lr=c, create_graph=True)
+    ours = meta_sgd.adapt(x, y, steps, "train", create_graph=True).params
+    theirs = maml.adapt(x, y, steps, "train", create_graph=True).params
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
@@ -80,7 +80,7 @@ def test_constant_alpha_gives_exactly_maml_adapted_parameters(steps):
 
 def test_alpha_shapes_defaults_and_optimizer():
     model = MetaSGD(ways=5, alpha_init=0.1)
-    for a, p in zip(model.alpha, model.net.parameters(), strict=True):
+    for a, p in zip(model.alpha, model.fast_parameters().values(), strict=True):
         assert a.shape == p.shape and torch.all(a == 0.1)
     assert model.hparams.inner_steps == model.hparams.eval_inner_steps == 1  # the paper adapts in one step
     optimized = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}

@@ -56,18 +56,18 @@ def test_one_sgd_step_one_task_is_a_scaled_gradient_step():
     model = tiny_reptile(inner_optimizer="sgd", inner_lr=lr, inner_steps=1, inner_batch_size=None, outer_lr=eps)
     model = model.double()
     episode = tiny_episode(meta_batch=1)
-    theta = [p.detach().clone() for p in model.net.parameters()]
+    theta = [p.detach().clone() for p in model.fast_parameters().values()]
     x, y = task_data(episode, 0)
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.net.parameters()))
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.fast_parameters().values()))
     fit(model, episode, steps=1)
-    for p, t, g in zip(model.net.parameters(), theta, grads, strict=True):
+    for p, t, g in zip(model.fast_parameters().values(), theta, grads, strict=True):
         torch.testing.assert_close(p.detach(), t.detach() - eps * lr * g, atol=1e-14, rtol=1e-12)
 
 
 class QuadraticReptile(Reptile):
     """Least squares to one-hot targets: the loss is quadratic in (W, b) when the backbone is the identity."""
 
-    def task_loss(self, logits, y):
+    def inner_loss(self, logits, y):
         return 0.5 * (logits - F.one_hot(y, logits.shape[-1]).to(logits.dtype)).pow(2).sum(1).mean()
 
 
@@ -79,7 +79,7 @@ def test_k_sgd_steps_on_a_quadratic_match_the_closed_form():
     model = QuadraticReptile(ways=3, backbone=nn.Flatten(), image_shape=(1, 2, 2), inner_optimizer="sgd", inner_lr=lr,
                              inner_steps=k, inner_batch_size=None, outer_lr=eps)
     episode = tiny_episode(meta_batch=2)
-    head = model.net[-1]
+    head = model.head
     t0 = torch.cat([head.weight, head.bias[:, None]], 1).detach().double()  # (ways, 5)
     targets = []
     for i in range(2):
@@ -98,9 +98,9 @@ def test_fresh_adam_first_step_is_lr_times_normalised_gradient():
     """beta1 = 0 and bias correction: the first Adam step is lr g / (|g| + 1e-8), about lr sign(g)."""
     model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-3, inner_batch_size=None, inner_state="fresh").double()
     x, y = task_data(tiny_episode(), 0)
-    theta = dict(model.net.named_parameters())
+    theta = model.fast_parameters()
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(theta.values()))
-    phi, loss, acc = model.adapt(x, y, steps=1, lr=1e-3, batch_size=None)
+    phi, loss, acc = model.adapt_task(x, y, 1, "train", None)
     for (name, p), g in zip(theta.items(), grads, strict=True):
         torch.testing.assert_close(phi[name], p.detach() - 1e-3 * g / (g.abs() + 1e-8), atol=1e-15, rtol=1e-12)
     assert torch.isfinite(loss) and 0 <= acc <= 1
@@ -130,10 +130,10 @@ def test_carried_adam_state_continues_from_task_to_task_and_evaluation_leaves_it
     model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-2, inner_batch_size=None, inner_state="carried").double()
     episode = tiny_episode()
     tasks = [(model, *task_data(episode, i)) for i in range(2)]
-    theta = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    theta = {n: p.detach().clone() for n, p in model.fast_parameters().items()}
     expected, v, t = manual_adam(theta, tasks, steps=3, lr=1e-2, beta2=0.999)
     for (_, x, y), phi_expected in zip(tasks, expected, strict=True):
-        phi, _, _ = model.adapt(x, y, steps=3, lr=1e-2, batch_size=None, carry=True)
+        phi, _, _ = model.adapt_task(x, y, 3, "train", None, carry=True)
         for n in theta:
             torch.testing.assert_close(phi[n], phi_expected[n], atol=1e-12, rtol=1e-10)
     state = model.inner_adam_state()
@@ -144,7 +144,7 @@ def test_carried_adam_state_continues_from_task_to_task_and_evaluation_leaves_it
     before = {k: b.clone() for k, b in model.inner_adam.named_buffers()}
     (phi3_expected,), _, _ = manual_adam(theta, tasks[:1], steps=2, lr=1e-2, beta2=0.999,
                                          v={n: x.clone() for n, x in v.items()}, t=t)
-    phi3, _, _ = model.adapt(*tasks[0][1:], steps=2, lr=1e-2, batch_size=None)
+    phi3, _, _ = model.adapt_task(*tasks[0][1:], 2, "train", None)
     for n in theta:
         torch.testing.assert_close(phi3[n], phi3_expected[n], atol=1e-12, rtol=1e-10)
     for k, b in model.inner_adam.named_buffers():
@@ -154,9 +154,9 @@ def test_carried_adam_state_continues_from_task_to_task_and_evaluation_leaves_it
 def test_fresh_adam_state_forgets_the_previous_task():
     model = tiny_reptile(inner_optimizer="adam", inner_lr=1e-2, inner_batch_size=None, inner_state="fresh").double()
     episode = tiny_episode()
-    theta = {n: p.detach().clone() for n, p in model.net.named_parameters()}
-    model.adapt(*task_data(episode, 0), steps=3, lr=1e-2, batch_size=None, carry=True)
-    phi, _, _ = model.adapt(*task_data(episode, 1), steps=3, lr=1e-2, batch_size=None, carry=True)
+    theta = {n: p.detach().clone() for n, p in model.fast_parameters().items()}
+    model.adapt_task(*task_data(episode, 0), 3, "train", None, carry=True)
+    phi, _, _ = model.adapt_task(*task_data(episode, 1), 3, "train", None, carry=True)
     (expected,), _, _ = manual_adam(theta, [(model, *task_data(episode, 1))], steps=3, lr=1e-2, beta2=0.999)
     for n in theta:
         torch.testing.assert_close(phi[n], expected[n], atol=1e-12, rtol=1e-10)
@@ -170,21 +170,21 @@ def test_training_carries_the_inner_state_in_the_state_dict():
     assert all(s["step"].item() == 3 * 2 * 2 for s in state.values())  # meta-iterations x tasks x inner steps
     assert all(s["exp_avg_sq"].abs().sum() > 0 for s in state.values())
     keys = {k for k in model.state_dict() if k.startswith("inner_adam.")}
-    assert "inner_adam.step" in keys and "inner_adam.2__weight__exp_avg_sq" in keys
-    assert len(keys) == 1 + 2 * len(list(model.net.parameters()))
+    assert "inner_adam.step" in keys and "inner_adam.head__weight__exp_avg_sq" in keys
+    assert len(keys) == 1 + 2 * len(model.fast_parameters())
 
 
 def test_inner_mini_batches_pass_over_the_task_without_replacement():
     seen = []
 
     class Recording(Reptile):
-        def task_loss(self, logits, y):
+        def inner_loss(self, logits, y):
             seen.append(y.tolist())
-            return super().task_loss(logits, y)
+            return super().inner_loss(logits, y)
 
     model = Recording(ways=6, backbone=nn.Flatten(), image_shape=(1, 2, 2), inner_optimizer="sgd", inner_lr=0.1)
     x, y = torch.randn(6, 1, 2, 2), torch.arange(6)  # one example per class: labels identify examples
-    model.adapt(x, y, steps=6, lr=0.1, batch_size=2)
+    model.adapt_task(x, y, 6, "train", 2)
     assert [sorted(sum(seen[i : i + 3], [])) for i in (0, 3)] == [list(range(6))] * 2
 
 
@@ -259,7 +259,7 @@ def test_inner_steps_see_the_updated_weights_under_mixed_precision():
     model = tiny_reptile(inner_optimizer="sgd", inner_lr=0.5, inner_steps=3, inner_batch_size=None)
     episode = tiny_episode(meta_batch=1)
     x, y = (t.float() if t.is_floating_point() else t for t in task_data(episode, 0))
-    params = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.fast_parameters().items()}
     for _ in range(3):  # reference: every step in its own autocast region, out-of-place updates
         with torch.autocast("cpu", dtype=torch.bfloat16):
             leaves = {n: p.requires_grad_() for n, p in params.items()}
@@ -267,6 +267,6 @@ def test_inner_steps_see_the_updated_weights_under_mixed_precision():
             grads = torch.autograd.grad(loss, list(leaves.values()))
         params = {n: (p - 0.5 * g).detach() for (n, p), g in zip(leaves.items(), grads, strict=True)}
     with torch.autocast("cpu", dtype=torch.bfloat16):  # one region around the whole inner loop, as Lightning does
-        phi, _, _ = model.adapt(x, y, steps=3, lr=0.5, batch_size=None)
+        phi, _, _ = model.adapt_task(x, y, 3, "train", None)
     for n, p in params.items():
         torch.testing.assert_close(phi[n], p, atol=1e-6, rtol=1e-5)

@@ -247,7 +247,7 @@ def test_help_lists_what_exists_and_every_class_has_its_help(capsys):
     out = capsys.readouterr().out
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()}
     models = {n for n in meta.__all__ if isinstance(getattr(meta, n), type)
-              and issubclass(getattr(meta, n), meta.EpisodicModule) and n != "EpisodicModule"}
+              and issubclass(getattr(meta, n), meta.EpisodicModule) and n not in ("EpisodicModule", "GradientLearner")}
     assert models | {"OmniglotEpisodes", "MiniImageNetEpisodes", "ImageFolderEpisodes", "Conv4", "ResNet12"} <= listed
     for flag, name in [("--data.help", d) for d in ("OmniglotEpisodes", "MiniImageNetEpisodes",
                                                     "ImageFolderEpisodes")] + [("--model.help", m) for m in models]:
@@ -276,21 +276,28 @@ def test_backbone_choices_are_ours_and_the_users_not_all_of_torch_nn(capsys, tmp
 
 
 def test_a_fit_of_another_model_on_a_config_gets_its_own_run_folder(data_env, tmp_path):
-    """`--model MAML` on a ProtoNet config writes to `<dirpath>-MAML`: the ProtoNet run's checkpoints are untouched,
-    `--ckpt_path best` of each command line finds its own run, and each folder holds the config that made it."""
+    """`--model MAML` on a ProtoNet config writes to `<config's dirpath>-MAML`: the ProtoNet run's checkpoints are
+    untouched, `--ckpt_path best` of each command line finds its own run, and each folder holds the config that made
+    it (a `--checkpoint.dirpath` on the command line is taken as it is)."""
     import yaml
 
-    args = small_run_args(tmp_path, steps=2) + ["--data.train_ways=5"]
+    config = yaml.safe_load((REPO / "recipes" / "configs" / "omniglot" / "protonet_5w1s_quick.yaml").read_text())
+    config["checkpoint"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
+    (tmp_path / "protonet.yaml").write_text(yaml.safe_dump(config))
+    args = [a for a in small_run_args(tmp_path, steps=2) if not a.startswith("--checkpoint.dirpath")]
+    args[args.index("--config") + 1] = str(tmp_path / "protonet.yaml")
+    args += ["--data.train_ways=5"]
     fewshot.main(["fit", *args])
-    protonet = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    protonet = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()}
     maml = [*args, "--model=lightning_mtl.meta.MAML", "--model.ways=5", "--model.eval_inner_steps=1"]
     fewshot.main(["fit", *maml])
-    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == protonet
-    assert (tmp_path / "ckpt-MAML" / "last.ckpt").exists()
-    for folder, model in (("ckpt", "ProtoNet"), ("ckpt-MAML", "MAML")):
-        saved = yaml.safe_load((tmp_path / folder / "config.yaml").read_text())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()} == protonet
+    assert (tmp_path / "run-MAML" / "checkpoints" / "last.ckpt").exists()
+    for folder, model in (("run", "ProtoNet"), ("run-MAML", "MAML")):
+        saved = yaml.safe_load((tmp_path / folder / "checkpoints" / "config.yaml").read_text())
         assert saved["model"]["class_path"].endswith(f".{model}")
     test = fewshot.main(["test", *maml, "--ckpt_path=best"])
-    assert Path(test.trainer.ckpt_path).parent == tmp_path / "ckpt-MAML"
+    assert Path(test.trainer.ckpt_path).parent == tmp_path / "run-MAML" / "checkpoints"
     assert type(test.model).__name__ == "MAML"
+    assert (tmp_path / "run-MAML" / "test_metrics.json").exists()
     assert not (Path.cwd() / "config.yaml").exists()
