@@ -92,9 +92,20 @@ class NonFiniteGuard(Callback):
     The check costs one host synchronisation per step, which can show in GPU throughput of launch-bound steps:
     ``"off"`` removes it (and the protection).
 
+    It is the one non-finite policy of both halves (``--nonfinite.mode`` in both recipes). A module that computes
+    its gradients itself and knows before assigning them whether they are finite (``handles_nonfinite = True``:
+    :class:`~lightning_mtl.mtl.MultiTaskModule`) applies the same policy, read with :meth:`policy`, and the guard
+    stands aside, sparing a second check.
+
     Args:
         mode: ``"skip"`` the step with a warning, ``"raise"`` a ``FloatingPointError``, or ``"off"``.
     """
+
+    @staticmethod
+    def policy(trainer: L.Trainer | None) -> str:
+        """The mode of ``trainer``'s guard; ``"skip"`` (the default) when it has none."""
+        callbacks = getattr(trainer, "callbacks", None) or []
+        return next((c.mode for c in callbacks if isinstance(c, NonFiniteGuard)), "skip")
 
     def __init__(self, mode: Literal["skip", "raise", "off"] = "skip") -> None:
         if mode not in ("skip", "raise", "off"):
@@ -103,7 +114,8 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if (self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None
+                or getattr(pl_module, "handles_nonfinite", False)):
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
 from lightning_mtl.progress import IntervalBar, LineProgress
 
@@ -473,6 +474,8 @@ class RecipeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RecipeCheckpoint, "checkpoint")
+        # one non-finite policy for both halves: --nonfinite.mode skip|raise|off
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.set_defaults({
             "checkpoint.monitor": self.monitor,
             "checkpoint.mode": "max",

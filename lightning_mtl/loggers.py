@@ -13,6 +13,20 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_warn
 
 
+def logs_at(trainer, steps_done: int) -> bool:
+    """Whether ``trainer`` writes step metrics once ``steps_done`` optimizer steps are complete (every
+    ``trainer.log_every_n_steps``; every step in ``fast_dev_run`` or without a trainer).
+
+    Step metrics are only flushed then, and each ``self.log`` call costs ~0.4 ms of Python, so training steps of both
+    halves log only when it counts: before its optimizer step a module asks ``logs_at(trainer, global_step + 1)``,
+    after it ``logs_at(trainer, global_step)``.
+    """
+    if trainer is None or trainer.fast_dev_run:
+        return True
+    every = trainer.log_every_n_steps
+    return every > 0 and steps_done % every == 0
+
+
 def _wandb_address() -> tuple[str, int]:
     """Host and port of ``WANDB_BASE_URL``; the port defaults by scheme, so self-hosted ``http://host:8080`` works."""
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))

@@ -13,7 +13,7 @@ fresh process after ``fit``. A NaN/Inf loss never reaches the weights: the step 
 
 from __future__ import annotations
 
-from lightning_mtl.callbacks import EpisodeThroughput, NonFiniteGuard
+from lightning_mtl.callbacks import EpisodeThroughput
 from lightning_mtl.cli import RecipeCLI, run
 from lightning_mtl.meta import EpisodicModule
 
@@ -41,7 +41,6 @@ class FewShotCLI(RecipeCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(EpisodeThroughput, "throughput")
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")  # --nonfinite.mode skip|raise|off
 
 
 def main(args: list[str] | None = None) -> FewShotCLI:

@@ -9,6 +9,8 @@ Model and data are chosen by ``class_path`` in the YAML; ``model.balancer`` name
 (``lightning_mtl.mtl.balancing.list_balancers()``; an unknown name lists the valid ones). With
 ``model.num_classes: null`` the tasks come from the datamodule. ``fit`` keeps the best checkpoint by
 ``val/metric_mean`` and the last one; ``test``/``validate --ckpt_path best|last`` find them in ``checkpoint.dirpath``.
+A NaN/Inf loss skips the step with a warning (``--nonfinite.mode skip``, the default), stops training (``raise``) or
+is applied (``off``), as in the few-shot recipe.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The rule the rows check: bad input gets an error that says what was wrong and wh
 starts (at the latest in the first step, before any update), and nothing is silently dropped. Rows are grouped by
 where the input enters: data on disk, splits, episode shapes, multi-task datamodules and model, meta-learners, the
 trainer and checkpoints. Command-line errors (jsonargparse's) are in :data:`CLI_CASES`; non-finite losses under
-``nonfinite_loss="skip"`` warn rather than raise and have their own test.
+``nonfinite.mode="skip"`` warn rather than raise and have their own test.
 
 Fixtures are tiny files in the real formats (PNG, JPEG, zip, IDX, pickle, CSV), written per test; nothing is trained
 beyond one step.
@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_mtl import Episode, MultiTaskBatch
+from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.cli import resolve_checkpoint_alias
 from lightning_mtl.datamodules import (
     EpisodeSampler,
@@ -578,14 +579,14 @@ CASES = [
                                                                 mtl_batch(torch.zeros(4, 2, 6))), ValueError,
          "HardSharing gives task 'a' a representation of shape (12,) for inputs of shape (2, 6), but its head was "
          "sized for (6,) from input_shape=(6,); set model input_shape to the shape of one input."),
-    Case("nan_loss_raise", lambda tmp: fit(mtl_model(nonfinite_loss="raise"), mtl_batch(torch.full((4, 6), math.nan))),
-         FloatingPointError,
-         "step 0: non-finite loss for task(s) ['a', 'b'] ([nan, nan]); stopping (nonfinite_loss='raise'). Lower the "
+    Case("nan_loss_raise", lambda tmp: fit(mtl_model(), mtl_batch(torch.full((4, 6), math.nan)),
+                                           callbacks=[NonFiniteGuard("raise")]), FloatingPointError,
+         "step 0: non-finite loss for task(s) ['a', 'b'] ([nan, nan]); stopping (nonfinite.mode='raise'). Lower the "
          "learning rate or check the data of these tasks."),
     Case("inf_loss_raise", lambda tmp: fit(MultiTaskModule(
-        tasks={t: InfiniteLoss(c) for t, c in TASKS.items()}, backbone=nn.Flatten(), input_shape=(6,),
-        nonfinite_loss="raise"), mtl_batch()), FloatingPointError,
-         "step 0: non-finite loss for task(s) ['a', 'b'] ([inf, inf]); stopping (nonfinite_loss='raise'). Lower the "
+        tasks={t: InfiniteLoss(c) for t, c in TASKS.items()}, backbone=nn.Flatten(), input_shape=(6,)), mtl_batch(),
+        callbacks=[NonFiniteGuard("raise")]), FloatingPointError,
+         "step 0: non-finite loss for task(s) ['a', 'b'] ([inf, inf]); stopping (nonfinite.mode='raise'). Lower the "
          "learning rate or check the data of these tasks."),
     # ---- meta-learners
     Case("meta_learner_given_multitask_batch", lambda tmp: fit(ProtoNet(), mtl_batch()), TypeError,
@@ -660,7 +661,7 @@ def test_real_mini_imagenet_csvs_without_images():
         f"  {folder}/images")
 
 
-# ------------------------------------------------------------------ non-finite losses under nonfinite_loss="skip"
+# ------------------------------------------------------------------ non-finite losses under nonfinite.mode="skip"
 
 
 def test_nan_loss_skip_warns_and_leaves_the_parameters():
@@ -670,7 +671,7 @@ def test_nan_loss_skip_warns_and_leaves_the_parameters():
         fit(model, mtl_batch(torch.full((4, 6), math.nan)))
     ours = [str(w.message) for w in record if "non-finite" in str(w.message)]
     assert ours == ["step 0: non-finite loss for task(s) ['a', 'b'] ([nan, nan]); step skipped "
-                    "(nonfinite_loss='skip')."]
+                    "(nonfinite.mode='skip')."]
     for b, p in zip(before, model.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
 

@@ -15,6 +15,7 @@ from torchmetrics import CatMetric
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import WeightsOnlyLoading
+from lightning_mtl.loggers import logs_at
 from lightning_mtl.meta._checks import check_episode
 
 
@@ -118,16 +119,10 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def logs_this_step(self) -> bool:
-        """Whether the trainer writes step metrics after this training step (every ``log_every_n_steps``).
-
-        Step metrics are only flushed then, and each ``self.log`` call costs ~0.4 ms of Python, so training steps log
-        only when it counts; ``train/*`` values are those of the step at which they are written.
-        """
-        trainer = self._trainer
-        if trainer is None or trainer.fast_dev_run:
-            return True
-        every = trainer.log_every_n_steps
-        return every > 0 and (self.global_step + 1) % every == 0
+        """Whether the trainer writes step metrics after this training step (:func:`~lightning_mtl.loggers.logs_at`,
+        asked before the optimizer step advances ``global_step``); ``train/*`` values are those of the step at which
+        they are written."""
+        return logs_at(self._trainer, self.global_step + 1)
 
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
         loss, accs = self._step(episode, "train")

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from lightning_mtl.batches import MultiTaskBatch
+from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.checkpointing import WeightsOnlyLoading, save_hyperparameters
+from lightning_mtl.loggers import logs_at
 from lightning_mtl.mtl import gradients as G
 from lightning_mtl.mtl import paths
 from lightning_mtl.mtl.architectures import Architecture, ArchitectureCallable, HardSharing
@@ -62,7 +64,6 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
             ``"auto"`` (vmap on CUDA with at most ``VMAP_MAX_TASKS`` = 8 tasks, else the loop: the loop was faster
             on CPU at 4 and 50 tasks and on an H200 at 50, vmap faster on the H200 at 4). Architectures that give
             each task its own representation always use the loop.
-        nonfinite_loss: ``"skip"`` the step with a warning, or ``"raise"``.
         diagnostics_every: log task-gradient cosines and norm ratios every this many steps (0: never).
         optimizer: optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: scheduler factory.
@@ -73,7 +74,15 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
         ValueError: before training, for contradicting or invalid settings (both ``tasks`` and ``num_classes``, both
             ``architecture`` and ``backbone``, a gradient aggregator on an architecture without shared parameters,
             a task that cannot read its representation, an unknown balancer name, ...).
+
+    A non-finite update (a NaN/Inf loss, an overflow) follows the trainer's
+    :class:`~lightning_mtl.callbacks.NonFiniteGuard` (``--nonfinite.mode skip|raise|off`` in the recipes; ``skip``
+    without one): the module knows from the update itself whether it is finite, so it applies the policy before
+    assigning gradients and the guard stands aside.
     """
+
+    #: the module applies the non-finite policy itself (see :class:`~lightning_mtl.callbacks.NonFiniteGuard`).
+    handles_nonfinite = True
 
     def __init__(
         self,
@@ -85,7 +94,6 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
         balancer: str | BalancerCallable = "equal",
         level: Literal["parameter", "representation"] = "parameter",
         jacobian: Literal["auto", "loop", "vmap"] = "auto",
-        nonfinite_loss: Literal["skip", "raise"] = "skip",
         diagnostics_every: int = 50,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -102,9 +110,8 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
         if isinstance(balancer, str):
             balancer_class(balancer)  # an unknown name fails here, listing the valid ones
         choices = {"level": ("parameter", "representation"), "jacobian": ("auto", "loop", "vmap"),
-                   "nonfinite_loss": ("skip", "raise"), "lr_scheduler_interval": ("step", "epoch")}
-        for name, value in (("level", level), ("jacobian", jacobian), ("nonfinite_loss", nonfinite_loss),
-                            ("lr_scheduler_interval", lr_scheduler_interval)):
+                   "lr_scheduler_interval": ("step", "epoch")}
+        for name, value in (("level", level), ("jacobian", jacobian), ("lr_scheduler_interval", lr_scheduler_interval)):
             if value not in choices[name]:
                 raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
         objects = ["tasks", "architecture", "backbone", "optimizer", "lr_scheduler"]
@@ -314,7 +321,7 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
         else:
             buffer = self._matrix.get(len(self.task_names), sum(p.numel() for p in shared), losses.device)
             update = paths.parameter_aggregation(self.balancer, inputs, buffer, self._vmap_through(graphs))
-        if not update.finite:
+        if not update.finite and NonFiniteGuard.policy(self._trainer) != "off":
             self._skip_step(opt, inputs.global_losses, update.params)
             return
         scale = self._loss_scale
@@ -359,14 +366,13 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
         opt.zero_grad(set_to_none=True)
         message = (f"step {self.global_step}: non-finite loss for task(s) {bad or self.task_names} "
                    f"({[float(v) for v in global_losses]}); ")
-        if self.hparams.nonfinite_loss == "raise":
-            raise FloatingPointError(message + "stopping (nonfinite_loss='raise'). Lower the learning rate or check "
+        if NonFiniteGuard.policy(self._trainer) == "raise":
+            raise FloatingPointError(message + "stopping (nonfinite.mode='raise'). Lower the learning rate or check "
                                      "the data of these tasks.")
-        rank_zero_warn(message + "step skipped (nonfinite_loss='skip').")
+        rank_zero_warn(message + "step skipped (nonfinite.mode='skip').")
 
     def _log_training(self, global_losses: Tensor, matrix: Tensor | None) -> None:
-        every = self.trainer.log_every_n_steps
-        if self.trainer.fast_dev_run or (every and self.global_step % every == 0):  # when step metrics flush
+        if logs_at(self.trainer, self.global_step):  # after the optimizer step: when step metrics flush
             for i, t in enumerate(self.task_names):
                 self.log(f"train/{t}/loss", global_losses[i])
             self.log("train/loss", global_losses.sum(), prog_bar=True)

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_mtl import MultiTaskBatch
+from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.mtl import ClassificationTask, MultiTaskModule, SoftSharing
 from lightning_mtl.mtl.balancing import GradientAggregator, create_balancer
 
@@ -193,7 +194,7 @@ def test_bf16_mixed_trains():
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
-def test_nonfinite_loss_skip_warns_and_raise_stops():
+def test_nonfinite_policy_skip_warns_raise_stops_off_applies():
     bad = global_batches(1)[0]
     bad = MultiTaskBatch(bad.x.clone(), bad.targets)
     bad.x[0, 0] = float("nan")
@@ -202,8 +203,11 @@ def test_nonfinite_loss_skip_warns_and_raise_stops():
     with pytest.warns(UserWarning, match=r"non-finite loss for task\(s\) \['a', 'b', 'c'\].*step skipped"):
         fit(model, [bad])
     torch.testing.assert_close(params_vector(model), before)
-    with pytest.raises(FloatingPointError, match="stopping \\(nonfinite_loss='raise'\\)"):
-        fit(make_model("equal", nonfinite_loss="raise"), [bad])
+    with pytest.raises(FloatingPointError, match="stopping \\(nonfinite.mode='raise'\\)"):
+        trainer_for(1, callbacks=[NonFiniteGuard("raise")]).fit(make_model("equal"), DataLoader([bad], batch_size=None))
+    model = make_model("equal")  # off: the update is applied as it is (no protection, no check)
+    trainer_for(1, callbacks=[NonFiniteGuard("off")]).fit(model, DataLoader([bad], batch_size=None))
+    assert not torch.isfinite(params_vector(model)).all()
 
 
 def test_bad_batches_are_named():

@@ -305,3 +305,19 @@ def test_help_lists_what_exists_and_every_data_class_has_its_help(capsys):
         with pytest.raises(SystemExit) as info:
             multitask.main(["fit", "--data.help", data])
         assert info.value.code == 0 and "--data.batch_size" in capsys.readouterr().out, data
+
+
+@pytest.mark.parametrize("recipe", ["multitask", "fewshot"])
+def test_one_nonfinite_option_for_both_halves(recipe, capsys, monkeypatch):
+    """`--nonfinite.mode skip|raise|off` is the same option in both recipes (the multi-task module applies the
+    trainer's NonFiniteGuard policy itself)."""
+    spec = importlib.util.spec_from_file_location(f"{recipe}_r", REPO / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [f"{recipe}.py"])
+    config = REPO / "recipes" / "configs" / ("multimnist/hps_equal_quick.yaml" if recipe == "multitask"
+                                             else "omniglot/protonet_5w1s_quick.yaml")
+    with pytest.raises(SystemExit) as info:
+        module.main(["fit", "--config", str(config), "--nonfinite.mode=raise", "--print_config"])
+    assert info.value.code == 0
+    assert "nonfinite:\n  mode: raise" in capsys.readouterr().out
