@@ -1,5 +1,6 @@
 """LightningDataModules of lightning-mtl, installed as ``lightning_mtl.datamodules``."""
 
+from lightning_mtl.datamodules._episodic import EpisodeSettings, EpisodicImages
 from lightning_mtl.datamodules.celeba import CelebA
 from lightning_mtl.datamodules.dense_tasks import DenseImageTasks
 from lightning_mtl.datamodules.episodes import EpisodeSampler, EpisodeStream, FixedEpisodes
@@ -19,7 +20,9 @@ __all__ = [
     "DenseImageTasks",
     "DomainTasks",
     "EpisodeSampler",
+    "EpisodeSettings",
     "EpisodeStream",
+    "EpisodicImages",
     "FixedEpisodes",
     "ImageFolderEpisodes",
     "MiniImageNetEpisodes",

@@ -33,11 +33,29 @@ CLASS_STREAM = 3
 
 @dataclass(frozen=True)
 class EpisodeSettings:
-    """Episode shapes, counts and seeds; the arguments are those of the datamodule constructors.
+    """Episode shapes, counts and seeds of an :class:`EpisodicImages` datamodule (one typed group:
+    ``--data.episodes.*``).
 
     ``train_mode="classes"`` replaces the training episodes by :class:`ClassBatches` of ``train_batch_size`` images
     (``train_ways``, ``train_shots``, ``train_queries`` and ``meta_batch_size`` are then unused, and training classes
     need only 2 images); ``seed`` seeds either training stream.
+
+    Args:
+        train_ways: classes per training episode.
+        train_shots: support examples per class in training episodes.
+        train_queries: query examples per class in training episodes.
+        eval_ways: classes per validation / test episode.
+        eval_shots: support examples per class in validation / test episodes.
+        eval_queries: query examples per class in validation / test episodes.
+        meta_batch_size: training episodes per step.
+        eval_meta_batch_size: evaluation episodes per batch (affects speed only, never the episodes).
+        val_episodes: size of the fixed validation set.
+        test_episodes: size of the fixed test set.
+        seed: seed of the training streams.
+        eval_seed: seed of the fixed validation and test sets; keep it fixed to compare models.
+        num_workers: dataloader worker processes.
+        train_mode: ``"episodes"`` (meta-training) or ``"classes"`` (pre-training batches labelled by class).
+        train_batch_size: images per training batch and process under ``train_mode="classes"``.
     """
 
     train_ways: int = 5
@@ -163,9 +181,26 @@ class ClassBatches(IterableDataset):
 
 
 class EpisodicImages(L.LightningDataModule):
-    """Base of datamodules serving N-way K-shot Q-query episodes from in-memory class-major uint8 arrays.
+    """Base of datamodules serving N-way K-shot Q-query episodes from in-memory class-major uint8 arrays: subclass
+    it for your own dataset.
 
-    Subclasses build their class arrays in ``setup`` and hand them to :meth:`set_splits`.
+    A subclass builds one ``(classes, samples, C, H, W)`` uint8 array per stage in ``setup`` and hands them to
+    :meth:`set_splits`; everything else is here: the seeded training stream (exact under workers, DDP and resumption),
+    the fixed validation and test sets, ``train_mode="classes"`` batches for pre-training, the datamodule state that
+    resumes the stream. Its episode settings are one typed group, :class:`EpisodeSettings` (``--data.episodes.*`` on
+    the command line, ``episodes:`` in YAML)::
+
+        class MyGlyphs(EpisodicImages):
+            def __init__(self, root: str, episodes: EpisodeSettings | None = None) -> None:
+                super().__init__(episodes or EpisodeSettings())
+                self.root = root
+
+            def setup(self, stage: str | None = None) -> None:
+                if not self.samplers:  # arrays: {"train": (classes, samples, C, H, W) uint8, "val": ..., "test": ...}
+                    self.set_splits(load_my_arrays(self.root), name="MyGlyphs")
+
+    ``recipes/fewshot.py`` runs it like ours (``data: {class_path: my_module.MyGlyphs, init_args: {root: ...,
+    episodes: {train_ways: 5, eval_ways: 5}}}``).
 
     Args:
         episodes: episode shapes, counts and seeds.

@@ -301,3 +301,51 @@ def test_a_fit_of_another_model_on_a_config_gets_its_own_run_folder(data_env, tm
     assert type(test.model).__name__ == "MAML"
     assert (tmp_path / "run-MAML" / "test_metrics.json").exists()
     assert not (Path.cwd() / "config.yaml").exists()
+
+
+USER_DATAMODULE = '''
+import numpy as np
+
+from lightning_mtl.datamodules import EpisodeSettings, EpisodicImages
+
+
+class Glyphs(EpisodicImages):
+    """A user's own episodic dataset: class k is an image of brightness 10 k plus noise (easily told apart)."""
+
+    def __init__(self, classes: int = 12, episodes: EpisodeSettings | None = None) -> None:
+        super().__init__(episodes or EpisodeSettings())
+        self.classes = classes
+
+    def setup(self, stage=None):
+        if self.samplers:
+            return
+        rng = np.random.default_rng(0)
+        base = (np.arange(self.classes) * 10)[:, None, None, None, None]
+        arrays = {s: (base + rng.integers(0, 5, (self.classes, 8, 1, 28, 28))).astype(np.uint8)
+                  for s in ("train", "val", "test")}
+        self.set_splits(arrays, name="Glyphs")
+'''
+
+
+def test_a_users_own_episodic_datamodule_runs_through_the_recipe(tmp_path):
+    """`EpisodicImages` subclassed outside the package, its settings as the typed `episodes` group, run by
+    `recipes/fewshot.py` from the user's folder (fit, then test of the best checkpoint)."""
+    (tmp_path / "my_glyphs.py").write_text(USER_DATAMODULE)
+    (tmp_path / "glyphs.yaml").write_text(
+        "trainer:\n  max_steps: 20\n  val_check_interval: 20\n  logger: false\n  enable_progress_bar: false\n"
+        "  accelerator: cpu\n"
+        "model:\n  class_path: lightning_mtl.meta.ProtoNet\n"
+        "data:\n  class_path: my_glyphs.Glyphs\n  init_args:\n    classes: 12\n    episodes:\n"
+        "      train_ways: 4\n      train_shots: 1\n      train_queries: 3\n      eval_ways: 4\n      eval_shots: 1\n"
+        "      eval_queries: 3\n      val_episodes: 10\n      test_episodes: 20\n"
+        "checkpoint:\n  dirpath: runs/glyphs/checkpoints\n")
+    env = {**os.environ, "PYTHONPATH": ""}
+    for command in (["fit"], ["test", "--ckpt_path=best"]):
+        proc = subprocess.run([sys.executable, str(RECIPE), *command, "--config", "glyphs.yaml",
+                               "--data.episodes.test_episodes=24"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    import json
+
+    metrics = json.loads((tmp_path / "runs" / "glyphs" / "test_metrics.json").read_text())
+    assert metrics["test/episodes"] == 24 and metrics["test/acc"] > 0.9
