@@ -12,6 +12,7 @@ the same fixed episodes.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -211,6 +212,19 @@ class EpisodicImages(L.LightningDataModule):
         self.episodes = episodes
         self.samplers: dict[str, EpisodeSampler] = {}
         self._resume_at: dict[str, int] = {}
+
+    @classmethod
+    def image_shape_for(cls, init_args: dict) -> tuple[int, int, int] | None:
+        """The ``(C, H, W)`` of the images this datamodule will serve with the constructor arguments ``init_args``
+        (defaults where absent), known before any data is read, so that a model sized for it takes it from the data
+        (the recipes' link; see :meth:`lightning_mtl.cli.RecipeCLI.link_episode_shape`). ``None``: not known before
+        setup (the base's answer; a subclass whose arguments fix it says so)."""
+        return None
+
+    @classmethod
+    def _square(cls, init_args: dict, channels: int) -> tuple[int, int, int]:
+        size = init_args.get("image_size", inspect.signature(cls.__init__).parameters["image_size"].default)
+        return channels, int(size), int(size)
 
     def split_array(self, payload: dict, classes: list[str], stage: str, name: str) -> np.ndarray:
         """The class-major array of ``classes`` checked against the episode shape of ``stage``."""

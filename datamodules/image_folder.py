@@ -19,6 +19,7 @@ and cached as one uint8 tensor in the cache directory, keyed by a hash of the so
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from collections import defaultdict
@@ -161,6 +162,12 @@ class ImageFolderEpisodes(EpisodicImages):
             episodes).
         train_batch_size: images per training batch and process under ``train_mode="classes"``.
     """
+
+    @classmethod
+    def image_shape_for(cls, init_args: dict) -> tuple[int, int, int]:
+        """``(C, image_size, image_size)``: see :meth:`EpisodicImages.image_shape_for`."""
+        channels = init_args.get("channels", inspect.signature(cls.__init__).parameters["channels"].default)
+        return cls._square(init_args, int(channels))
 
     def __init__(
         self,

@@ -131,6 +131,11 @@ class MiniImageNetEpisodes(EpisodicImages):
         train_batch_size: images per training batch and process under ``train_mode="classes"``.
     """
 
+    @classmethod
+    def image_shape_for(cls, init_args: dict) -> tuple[int, int, int]:
+        """``(C, image_size, image_size)``: see :meth:`EpisodicImages.image_shape_for`."""
+        return cls._square(init_args, 3)
+
     def __init__(
         self,
         root: str | None = None,

@@ -158,6 +158,20 @@ class RunConfig(SaveConfigCallback):
                          multifile=False)
 
 
+def _import(class_path: str):
+    """The class named by ``class_path`` (``module.Class``)."""
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _default(cls: type, name: str):
+    """The default of ``cls.__init__``'s argument ``name`` (``None`` without one)."""
+    parameter = inspect.signature(cls.__init__).parameters.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 def end_distributed() -> None:
     """Destroy the default process group, if one is initialised: the end of a run that succeeded.
 
@@ -456,9 +470,70 @@ class RecipeCLI(LightningCLI):
             root.configuration_error = True
             raise root from None  # its own traceback, without jsonargparse's chain
 
+    def parse_arguments(self, parser, args) -> None:
+        self._raw_args = list(sys.argv[1:] if args is None else args)  # to tell what the command line set
+        super().parse_arguments(parser, args)
+
+    def _explicit_model_args(self, config) -> set[str]:
+        """Names of the model's arguments set in a ``--config`` file or on the command line (not defaults)."""
+        model = config_file_section(config.get("config") or [], "model")
+        given = set((model.get("init_args") or {}) if isinstance(model, dict) else ())
+        for arg in getattr(self, "_raw_args", []):
+            match = re.match(r"--model\.(?:init_args\.)?(\w+)", str(arg))
+            if match:
+                given.add(match.group(1))
+        return given
+
+    def link_episode_shape(self, config) -> None:
+        """State ``ways`` and the image shape once, in the data: a model with ``ways`` / ``image_shape`` arguments
+        (the MAML family, Reptile, Siamese and Relation networks) takes the datamodule's ``train_ways`` and image
+        shape (:meth:`~lightning_mtl.datamodules.EpisodicImages.image_shape_for`) unless they are set for it; set
+        to other values, the run stops here with both values named.
+
+        Raises:
+            ValueError: ``model.ways`` or ``model.image_shape`` contradicts the data's.
+        """
+        model, data = config.get("model"), config.get("data")
+        if not (hasattr(model, "get") and hasattr(data, "get")) or not model.get("class_path") \
+                or not data.get("class_path"):
+            return
+        try:
+            model_cls = _import(model["class_path"])
+            data_cls = _import(data["class_path"])
+        except (ImportError, AttributeError):
+            return  # jsonargparse reports unknown classes
+        params = inspect.signature(model_cls.__init__).parameters
+        args = data.get("init_args") or {}
+        args = args.as_dict() if hasattr(args, "as_dict") else dict(args)
+        episodes = args.get("episodes") or {}
+        settings = {**{k: v for k, v in episodes.items()}, **args} if isinstance(episodes, dict) else args
+        values = {}
+        if "ways" in params and settings.get("train_mode", "episodes") == "episodes":
+            values["ways"] = settings.get("train_ways", _default(data_cls, "train_ways"))
+        if "image_shape" in params and hasattr(data_cls, "image_shape_for"):
+            values["image_shape"] = data_cls.image_shape_for(args)
+        explicit = self._explicit_model_args(config)
+        for key, value in values.items():
+            if value is None:
+                continue
+            value = list(value) if isinstance(value, tuple) else value
+            current = config.get(f"model.init_args.{key}")
+            current = list(current) if isinstance(current, tuple) else current
+            if key not in explicit:
+                config[f"model.init_args.{key}"] = tuple(value) if key == "image_shape" else value
+            elif current != value:
+                source = "data.train_ways" if key == "ways" else "the data's image shape"
+                error = ValueError(
+                    f"model.{key}={current} contradicts {source}={value}: state it once, in the data (remove "
+                    f"model.{key}; the model takes it from the data), or make the two equal.")
+                error.configuration_error = True
+                raise error
+
     def before_instantiate_classes(self) -> None:
-        """Place the run (:func:`run_dirpath`): runs of different models never share a checkpoint folder."""
+        """Take ``ways`` and the image shape from the data (:meth:`link_episode_shape`) and place the run
+        (:func:`run_dirpath`): runs of different models never share a checkpoint folder."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self.link_episode_shape(config)
         model = config.get("model")
         model = model.as_dict() if hasattr(model, "as_dict") else model
         dirpath, why = run_dirpath(config.get("checkpoint.dirpath"), config.get("config") or [], model)

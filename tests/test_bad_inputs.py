@@ -769,6 +769,31 @@ def test_true_precision_takes_uint8_images(make):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
+    (("--model.ways=5",), "error: model.ways=5 contradicts data.train_ways=20: state it once, in the data (remove "
+                          "model.ways; the model takes it from the data), or make the two equal."),
+    (("--model.image_shape=[1,32,32]",), "error: model.image_shape=[1, 32, 32] contradicts the data's image "
+                                         "shape=[1, 28, 28]: state it once, in the data (remove model.image_shape; "
+                                         "the model takes it from the data), or make the two equal."),
+])
+def test_model_ways_or_image_shape_contradicting_the_data_fail_before_any_data(args, expected, tmp_path, capsys,
+                                                                               monkeypatch):
+    """ways and the image shape are stated once, in the data; a model value that contradicts it names both values
+    before anything is read or trained."""
+    from lightning_mtl.cli import run
+
+    fewshot = load_recipe("fewshot")
+    monkeypatch.setattr(sys, "argv", ["fewshot.py"])
+    monkeypatch.setenv("LIGHTNING_MTL_DATA", str(tmp_path / "no_data_here"))
+    config = REPO / "recipes" / "configs" / "omniglot" / "maml_20w1s_quick.yaml"
+    with pytest.raises(SystemExit) as info:
+        run(lambda: fewshot.main(["fit", "--config", str(config), *args, "--trainer.logger=false"]))
+    assert info.value.code == 2
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [expected]
+    assert not (tmp_path / "no_data_here").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
     (("--model.balancer=pcgard",),
      "error: unknown balancing method 'pcgard'; valid names: {balancers} (or the class path of a LossWeighting or "
      "GradientAggregator subclass)"),

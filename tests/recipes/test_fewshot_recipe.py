@@ -349,3 +349,19 @@ def test_a_users_own_episodic_datamodule_runs_through_the_recipe(tmp_path):
 
     metrics = json.loads((tmp_path / "runs" / "glyphs" / "test_metrics.json").read_text())
     assert metrics["test/episodes"] == 24 and metrics["test/acc"] > 0.9
+
+
+@pytest.mark.parametrize(("config", "ways", "image_shape"), [
+    ("omniglot/maml_20w1s_quick.yaml", 20, (1, 28, 28)), ("mini_imagenet/maml_5w1s.yaml", 5, (3, 84, 84)),
+    ("omniglot/reptile_5w1s_quick.yaml", 5, (1, 28, 28))])
+def test_ways_and_image_shape_are_stated_once_in_the_data(config, ways, image_shape, tmp_path):
+    """The MAML-family configs state ways and the image size in the data only; the model takes them from it."""
+    from lightning_mtl.meta import EpisodicModule
+
+    text = (REPO / "recipes" / "configs" / config).read_text()
+    model_section = text.split("\nmodel:", 1)[1].split("\ndata:", 1)[0]
+    assert "ways:" not in model_section and "image_shape:" not in model_section
+    cli = fewshot.FewShotCLI(EpisodicModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                             args=["--config", str(REPO / "recipes" / "configs" / config), "--trainer.logger=false",
+                                   f"--checkpoint.dirpath={tmp_path}/ckpt"])
+    assert cli.model.head.out_features == ways and tuple(cli.model.image_shape) == image_shape
