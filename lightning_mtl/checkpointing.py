@@ -47,7 +47,11 @@ def save_hyperparameters(module: L.LightningModule, objects: list[str]) -> None:
     """
     given = _given_hyperparameters.get() is not None  # set by LightningCLI while it instantiates the model
     frame = inspect.currentframe().f_back
-    module.save_hyperparameters(ignore=[] if given else list(objects), frame=frame)
+    objects = list(objects)
+    balancer = frame.f_locals.get("meta_balancer")
+    if balancer is not None and not isinstance(balancer, str):  # a class path's callable, not a registered name
+        objects.append("meta_balancer")
+    module.save_hyperparameters(ignore=[] if given else objects, frame=frame)
 
 
 class WeightsOnlyLoading:

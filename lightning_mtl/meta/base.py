@@ -17,6 +17,9 @@ from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import WeightsOnlyLoading
 from lightning_mtl.loggers import logs_at
 from lightning_mtl.meta._checks import check_episode
+from lightning_mtl.mtl import gradients as G
+from lightning_mtl.mtl.balancing import BalancerCallable, GradientAggregator, balancer_class, resolve_balancer
+from lightning_mtl.mtl.diagnostics import gradient_diagnostics
 
 
 class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
@@ -28,16 +31,33 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
     ``test/episodes``. Per-episode accuracies are gathered across processes (uneven counts allowed), so under DDP the
     metrics cover exactly the fixed evaluation set.
 
+    The episodes of a training meta-batch are tasks whose outer gradients can conflict, as multi-task gradients do.
+    With ``meta_balancer`` (any multi-task gradient aggregator: ``pcgrad``, ``mgda``, ``upgrad``, ``cagrad``,
+    ``nash_mtl``, ... by name or class path) the per-episode outer gradients form a ``(episodes, parameters)`` matrix,
+    gathered over processes in rank order, that the aggregator turns into the update; ``diag/*`` logs their conflict
+    (cosines, norm ratios) every ``diagnostics_every`` steps. Without one (the default) the update is the gradient of
+    the mean loss, exactly as before, at no extra cost.
+
     Args:
         optimizer: optimizer factory called with the parameters; default Adam with lr 1e-3.
         lr_scheduler: optional scheduler factory called with the optimizer; it steps every training step (meta-batch).
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a training meta-batch; ``None``:
+            their mean (the usual meta-gradient).
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient diagnostics every this many steps.
     """
 
-    def __init__(self, optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None):
+    def __init__(self, optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
+                 meta_balancer: str | BalancerCallable | None = None, diagnostics_every: int = 100):
         super().__init__()
+        if diagnostics_every < 0:
+            raise ValueError(f"diagnostics_every must be >= 0, got {diagnostics_every}")
+        if isinstance(meta_balancer, str):
+            balancer_class(meta_balancer)  # an unknown name fails here, listing the valid ones
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.episode_accs = torch.nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
+        self.meta_balancer_spec, self.diagnostics_every = meta_balancer, diagnostics_every
+        self.meta_balancer: GradientAggregator | None = None  # built for the global meta-batch size (setup)
 
     #: fewest classes per episode the method works with.
     min_ways: int = 2
@@ -124,7 +144,99 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         they are written."""
         return logs_at(self._trainer, self.global_step + 1)
 
+    # ---------------------------------------------------------------- outer-loop balancing
+    def build_meta_balancer(self, episodes: int) -> None:
+        """Build :attr:`meta_balancer` for a global meta-batch of ``episodes`` (rows ``episode0 ...``).
+
+        Raises:
+            ValueError: the balancer is not a gradient aggregator (loss weightings weight fixed tasks, not the
+                episodes of a meta-batch, which change every step).
+        """
+        if self.meta_balancer_spec is None or self.meta_balancer is not None:
+            return
+        balancer = resolve_balancer(self.meta_balancer_spec, [f"episode{i}" for i in range(episodes)])
+        if not isinstance(balancer, GradientAggregator):
+            raise ValueError(f"meta_balancer must be a gradient aggregator (e.g. pcgrad, mgda, upgrad, cagrad, "
+                             f"nash_mtl), got the loss weighting {type(balancer).__name__}: a loss weighting weights "
+                             f"fixed tasks, and the episodes of a meta-batch change every step.")
+        self.meta_balancer = balancer.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Build :attr:`meta_balancer` before training when an episodic datamodule gives the meta-batch size (so a
+        wrong balancer fails before the first step); otherwise it is built from the first training batch."""
+        episodes = getattr(getattr(self.trainer, "datamodule", None), "episodes", None)
+        if stage == "fit" and self.meta_balancer_spec is not None and callable(getattr(episodes, "shape", None)):
+            self.build_meta_balancer(episodes.shape("train")[3] * self.trainer.world_size)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.meta_balancer is not None:  # rebuilt from it before the state dict loads (its buffers are in it)
+            checkpoint["meta_balancer_episodes"] = len(self.meta_balancer.tasks)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "meta_balancer_episodes" in checkpoint:
+            self.build_meta_balancer(int(checkpoint["meta_balancer_episodes"]))
+
+    def episode_losses(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
+        """Per-episode losses ``(B,)`` and accuracies ``(B,)`` of a meta-batch (:meth:`episode_loss` of each episode
+        alone); a method whose training loss is not that (Siamese networks) overrides it."""
+        logits = self.episode_logits(episode, stage)
+        losses = torch.stack([self.episode_loss(logits[i : i + 1], episode.query_y[i : i + 1])
+                              for i in range(episode.meta_batch_size)])
+        return losses, (logits.argmax(-1) == episode.query_y).float().mean(1)
+
+    def aggregate_outer(self, rows: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The update direction of this process's ``(B, P)`` per-episode outer gradients: the rows of every process
+        (rank order) aggregated by :attr:`meta_balancer`, identical on every rank; diagnostics when due."""
+        matrix = rows
+        if G.distributed():
+            parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(parts, rows.contiguous())
+            matrix = torch.cat(parts)
+            if losses is not None:
+                gathered = [torch.empty_like(losses) for _ in parts]
+                torch.distributed.all_gather(gathered, losses.contiguous())
+                losses = torch.cat(gathered)
+        if matrix.shape[0] != len(self.meta_balancer.tasks):
+            raise ValueError(f"a training meta-batch of {matrix.shape[0]} episodes (all processes) but meta_balancer "
+                             f"was built for {len(self.meta_balancer.tasks)}; keep data.meta_batch_size fixed.")
+        with torch.autocast(self.device.type, enabled=False):
+            if matrix.dtype in (torch.float16, torch.bfloat16):  # aggregated in float32 at least
+                matrix, losses = matrix.float(), None if losses is None else losses.float()
+            direction = (self.meta_balancer(matrix, losses.to(matrix.dtype)) if self.meta_balancer.needs_losses
+                         else self.meta_balancer(matrix))
+            every = self.diagnostics_every
+            if every and self.global_step % every == 0:
+                for key, value in gradient_diagnostics(matrix, self.meta_balancer.tasks).items():
+                    self.log(f"diag/{key}", value)
+        return direction
+
+    def _balanced_training_step(self, episode: Episode) -> Tensor:
+        """One training step whose update is :meth:`aggregate_outer` of the per-episode outer gradients: returns a
+        surrogate loss whose gradient is that update (Lightning then does the backward pass, scaling and step)."""
+        self.validate_episode(episode)
+        losses, accs = self.episode_losses(episode, "train")
+        params = [p for p in self.parameters() if p.requires_grad]
+        rows = []
+        for i in range(losses.shape[0]):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < losses.shape[0], allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                   for g, p in zip(grads, params, strict=True)]))
+        direction = self.aggregate_outer(torch.stack(rows), losses.detach())
+        offsets = torch.tensor([0, *(p.numel() for p in params)]).cumsum(0).tolist()
+        surrogate = sum((p * direction[a:b].view_as(p).to(p.dtype)).sum()
+                        for p, a, b in zip(params, offsets[:-1], offsets[1:], strict=True))
+        # the surrogate's value is meaningless; the logged loss is the meta-batch's mean loss
+        if self.logs_this_step():
+            b = episode.meta_batch_size
+            self.log("train/loss", losses.detach().mean(), prog_bar=True, batch_size=b)
+            self.log("train/acc", accs.mean(), prog_bar=True, batch_size=b)
+        return surrogate
+
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
+        if self.meta_balancer_spec is not None:
+            if self.meta_balancer is None:  # trained outside a Trainer.fit setup (tests): size from this batch
+                self.build_meta_balancer(episode.meta_batch_size * (self.trainer.world_size if self._trainer else 1))
+            return self._balanced_training_step(episode)
         loss, accs = self._step(episode, "train")
         if self.logs_this_step():
             b = episode.meta_batch_size

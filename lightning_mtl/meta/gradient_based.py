@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
 from lightning_mtl.nn.probe import feature_dim
 
@@ -87,6 +88,10 @@ class GradientLearner(EpisodicModule):
         first_order: treat the inner gradients as constants (no differentiation through the updates).
         optimizer: outer optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: outer scheduler factory, stepped every meta-batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
 
     Raises:
         ValueError: ``ways < 2`` or a negative number of steps.
@@ -108,8 +113,11 @@ class GradientLearner(EpisodicModule):
         first_order: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         if ways < 2:
             raise ValueError(f"{type(self).__name__} needs ways >= 2, got {ways}")
         if inner_steps < 0 or eval_inner_steps < 0:

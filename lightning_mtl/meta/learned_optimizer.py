@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.gradient_based import GradientLearner
+from lightning_mtl.mtl.balancing import BalancerCallable
 
 
 def preprocess(x: Tensor, p: float = 10.0) -> Tensor:
@@ -86,6 +87,10 @@ class LearnedOptimizer(GradientLearner):
         forget_bias: initial forget-gate bias.
         optimizer: outer optimizer factory (trains ``theta_0`` and the rule); default Adam, lr 1e-3.
         lr_scheduler: outer scheduler factory.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
     """
 
     def __init__(
@@ -100,10 +105,13 @@ class LearnedOptimizer(GradientLearner):
         forget_bias: float = 5.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
         super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
-                         lr_scheduler=lr_scheduler)
+                         lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.update_rule = MetaLearnerLSTM(input_bias, forget_bias)
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.gradient_based import GradientLearner
+from lightning_mtl.mtl.balancing import BalancerCallable
 
 
 class MAML(GradientLearner):
@@ -39,6 +40,10 @@ class MAML(GradientLearner):
         first_order: FOMAML: do not differentiate through the inner updates.
         optimizer: outer optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: outer scheduler factory, stepped every meta-batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
     """
 
     def __init__(
@@ -53,10 +58,13 @@ class MAML(GradientLearner):
         first_order: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
         super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
-                         lr_scheduler=lr_scheduler)
+                         lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
 
     def inner_lr(self, stage: str) -> float:

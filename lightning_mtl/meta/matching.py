@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
 from lightning_mtl.nn.probe import feature_dim
 
@@ -103,6 +104,10 @@ class MatchingNetwork(EpisodicModule):
             5-way 1-shot after 8000 episodes at scale 1, measured); the quick Omniglot config uses 10.
         optimizer: optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: scheduler factory, stepped every episode batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
 
     Raises:
         ValueError: ``fce_steps < 1`` with ``fce`` on, or ``cosine_scale <= 0``.
@@ -117,8 +122,11 @@ class MatchingNetwork(EpisodicModule):
         cosine_scale: float = 1.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         if fce and fce_steps < 1:
             raise ValueError(f"fce_steps must be >= 1 with full context embeddings, got {fce_steps}")
         if cosine_scale <= 0:

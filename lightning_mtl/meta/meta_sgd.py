@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.gradient_based import GradientLearner
+from lightning_mtl.mtl.balancing import BalancerCallable
 
 
 class MetaSGD(GradientLearner):
@@ -41,6 +42,10 @@ class MetaSGD(GradientLearner):
         first_order: do not differentiate through the inner gradients (alpha still gets its meta-gradient).
         optimizer: outer optimizer factory, over theta and alpha; default Adam, lr 1e-3.
         lr_scheduler: outer scheduler factory, stepped every meta-batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
 
     Raises:
         ValueError: ``ways < 2`` or a negative number of steps.
@@ -57,10 +62,13 @@ class MetaSGD(GradientLearner):
         first_order: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
         super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, optimizer=optimizer,
-                         lr_scheduler=lr_scheduler)
+                         lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         # one alpha per parameter tensor of backbone and head, in fast_parameters() order (full_like keeps memory
         # formats)

@@ -45,6 +45,7 @@ from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.meta.qp import solve_qp
+from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
 
 
@@ -109,6 +110,10 @@ class MetaOptNet(EpisodicModule):
             losses stay plain cross-entropy.
         optimizer: optimizer factory; default Adam, lr 1e-3 (the paper: SGD, see the Mini-ImageNet recipe).
         lr_scheduler: scheduler factory, stepped every meta-batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
 
     Raises:
         ValueError: a setting out of range, or (in :meth:`forward`) a backbone whose output is not one embedding per
@@ -128,8 +133,11 @@ class MetaOptNet(EpisodicModule):
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         if C <= 0:
             raise ValueError(f"MetaOptNet C must be positive (the paper uses 0.1), got {C}")
         if kernel_ridge < 0:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
 
 
@@ -53,6 +54,10 @@ class R2D2(EpisodicModule):
         learn_lambda: learn ``lambda`` (else it stays ``init_lambda``).
         optimizer: optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: scheduler factory, stepped every meta-batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
     """
 
     def __init__(
@@ -63,8 +68,11 @@ class R2D2(EpisodicModule):
         learn_lambda: bool = True,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         if init_lambda <= 0:
             raise ValueError(f"R2D2 init_lambda must be positive, got {init_lambda}")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])

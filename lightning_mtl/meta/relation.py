@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn.probe import probe
 
 
@@ -72,6 +73,10 @@ class RelationNetwork(EpisodicModule):
         relation_padding: padding of the relation convolutions: 1 for 28x28 Omniglot, 0 for 84x84 miniImageNet.
         optimizer: optimizer factory; default Adam, lr 1e-3 (the paper's).
         lr_scheduler: scheduler factory, stepped every episode batch (the paper halves the lr every 100k episodes).
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
 
     Raises:
         ValueError: the backbone does not return feature maps, or they are too small for the relation module.
@@ -86,8 +91,11 @@ class RelationNetwork(EpisodicModule):
         relation_padding: int = 1,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else RelationEmbedding(image_shape[0])
         maps = probe(self.backbone, torch.zeros(2, *image_shape))

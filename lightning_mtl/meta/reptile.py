@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.gradient_based import GradientLearner
+from lightning_mtl.mtl.balancing import BalancerCallable
 
 
 def _autocast_without_cache(device_type: str) -> contextlib.AbstractContextManager:
@@ -82,6 +83,10 @@ class Reptile(GradientLearner):
         outer_lr_final: outer step size reached at ``trainer.max_steps`` (linear annealing; the paper anneals to 0).
         eval_inner_lr: inner step size at validation / test; ``None`` uses ``inner_lr``.
         eval_inner_steps: inner updates at validation / test, on the whole support set (the paper uses 50).
+        meta_balancer: gradient aggregator of the per-task outer directions ``theta - phi_i`` of a meta-batch
+            (``pcgrad``, ``mgda``, ``upgrad``, ...); ``None``: their mean, Reptile's update.
+        diagnostics_every: with a ``meta_balancer``, log the conflict of the task directions (``diag/*``) every this
+            many steps.
 
     Raises:
         ValueError: ``ways < 2``, an unknown ``inner_optimizer`` or ``inner_state``, non-positive step counts, sizes
@@ -103,6 +108,8 @@ class Reptile(GradientLearner):
         outer_lr_final: float = 0.0,
         eval_inner_lr: float | None = None,
         eval_inner_steps: int = 50,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
@@ -116,7 +123,8 @@ class Reptile(GradientLearner):
             raise ValueError(f"need inner_lr > 0, outer_lr > 0, outer_lr_final >= 0; got {inner_lr}, {outer_lr}, "
                              f"{outer_lr_final}")
         super().__init__(ways=ways, backbone=backbone, image_shape=image_shape, inner_steps=inner_steps,
-                         eval_inner_steps=eval_inner_steps, first_order=True)
+                         eval_inner_steps=eval_inner_steps, first_order=True, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         save_hyperparameters(self, ["backbone"])
         self.automatic_optimization = False
         # the carried inner Adam state: buffers, so that it follows the module's device and is checkpointed
@@ -233,11 +241,20 @@ class Reptile(GradientLearner):
             for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
                 buffer.copy_(mean.view_as(buffer))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        for name, p in self.fast_parameters().items():
-            mean_phi = sum(phi[name] for phi in phis) / b
-            if self._trainer is not None:  # average over processes, so that every rank applies the same update
-                mean_phi = self.trainer.strategy.reduce(mean_phi, reduce_op="mean")
-            p.grad = p.detach() - mean_phi
+        params = self.fast_parameters()
+        if self.meta_balancer_spec is not None:  # aggregate the task directions theta - phi_i (all processes)
+            self.build_meta_balancer(b * (self.trainer.world_size if self._trainer is not None else 1))
+            rows = torch.stack([torch.cat([(p.detach() - phi[name]).flatten() for name, p in params.items()])
+                                for phi in phis])
+            direction = self.aggregate_outer(rows).split([p.numel() for p in params.values()])
+            for p, d in zip(params.values(), direction, strict=True):
+                p.grad = d.view_as(p).to(p.dtype)
+        else:
+            for name, p in params.items():
+                mean_phi = sum(phi[name] for phi in phis) / b
+                if self._trainer is not None:  # average over processes, so that every rank applies the same update
+                    mean_phi = self.trainer.strategy.reduce(mean_phi, reduce_op="mean")
+                p.grad = p.detach() - mean_phi
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()

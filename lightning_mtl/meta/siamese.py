@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
 from lightning_mtl.meta.base import EpisodicModule
+from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
 from lightning_mtl.nn.probe import feature_dim
 
@@ -87,6 +88,10 @@ class SiameseNetwork(EpisodicModule):
         pairs: training pairs of each episode: ``"balanced"`` or ``"all"`` (see the module docstring).
         optimizer: optimizer factory; default Adam, lr 1e-3 (the paper uses SGD with momentum).
         lr_scheduler: scheduler factory, stepped every episode batch.
+        meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,
+            ``upgrad``, ...; see :class:`~lightning_mtl.meta.EpisodicModule`); ``None``: their mean.
+        diagnostics_every: with a ``meta_balancer``, log the episode-gradient conflict (``diag/*``) every this many
+            steps.
 
     Raises:
         ValueError: ``pairs`` is not ``"balanced"`` or ``"all"``.
@@ -99,8 +104,11 @@ class SiameseNetwork(EpisodicModule):
         pairs: Literal["balanced", "all"] = "balanced",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        meta_balancer: str | BalancerCallable | None = None,
+        diagnostics_every: int = 100,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, meta_balancer=meta_balancer,
+                         diagnostics_every=diagnostics_every)
         if pairs not in ("balanced", "all"):
             raise ValueError(f"pairs must be 'balanced' or 'all', got {pairs!r}")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
@@ -142,7 +150,20 @@ class SiameseNetwork(EpisodicModule):
         onehot = (query_y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=query_y.device)).to(torch.float32)
         return F.binary_cross_entropy_with_logits(logits.float(), onehot)
 
+    def episode_losses(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
+        """Per-episode pair losses (the weighted BCE of the training step, episode by episode) and accuracies, for
+        outer-loop balancing."""
+        scores = self.pair_scores(episode)  # (B, Q, S)
+        same = episode.query_y.unsqueeze(2) == episode.support_y.unsqueeze(1)
+        weights = self.pair_weights(same, episode.shots)
+        bce = F.binary_cross_entropy_with_logits(scores, same.float(), reduction="none")
+        losses = (bce * weights).sum((1, 2)) / weights.sum((1, 2))
+        logits = nearest_support_logits(scores.detach(), episode.support_y, episode.ways)
+        return losses, (logits.argmax(-1) == episode.query_y).float().mean(1)
+
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
+        if self.meta_balancer_spec is not None:
+            return super().training_step(episode, batch_idx)
         self.validate_episode(episode)
         scores = self.pair_scores(episode)  # (B, Q, S)
         same = episode.query_y.unsqueeze(2) == episode.support_y.unsqueeze(1)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "mtl"))
 from toy import global_batches, make_model, rank_slice  # noqa: E402
 
 STEPS, WAYS, SHOTS, QUERIES, META_BATCH = 3, 3, 1, 2, 2
-FAMILIES = ("protonet", "maml", "reptile", "reptile_carried", "mtl_uncertainty", "mtl_upgrad")
+FAMILIES = ("protonet", "maml", "reptile", "reptile_carried", "mtl_uncertainty", "mtl_upgrad", "protonet_pcgrad",
+            "maml_upgrad", "reptile_mgda")
 
 
 def episodes(seed: int = 0) -> list[Episode]:
@@ -53,6 +54,10 @@ def build(family: str) -> L.LightningModule:
     """The family's module; BatchNorm-free where one process would normalise over several episodes at once."""
     torch.manual_seed(0)
     sgd = lambda p: torch.optim.SGD(p, lr=0.05)  # noqa: E731  (Adam would magnify rounding differences)
+    if family in ("protonet_pcgrad", "maml_upgrad", "reptile_mgda"):  # outer-loop balancing of the meta-batch
+        model = build(family.split("_")[0])
+        model.meta_balancer_spec = family.split("_")[1]
+        return model
     if family == "protonet":  # ProtoNet embeds a whole meta-batch in one pass: no BatchNorm across episodes
         backbone = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten())
