@@ -34,6 +34,7 @@ same ``image_size``).
 from __future__ import annotations
 
 import zlib
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ class OmniglotAlphabets(MultiTaskDataModule):
         download: fetch missing archives from their official URLs (checksums verified).
         image_size: side of the square images after resizing.
         alphabets: alphabet names (archive folder names, e.g. ``Latin``) to use as tasks, in this order; ``None`` →
-            all 50.
+            all 50; ``"background"`` → Lake et al.'s 30 background alphabets (their few-shot protocol trains on
+            them, so a model pre-trained on these tasks is evaluated on episodes of the 20 ``"evaluation"`` ones).
         train_fraction: share of each character's drawings used for training.
         val_fraction: share used for validation.
         test_fraction: share used for testing.
@@ -94,7 +96,7 @@ class OmniglotAlphabets(MultiTaskDataModule):
         cache_dir: str | None = None,
         download: bool = True,
         image_size: int = 28,
-        alphabets: list[str] | None = None,
+        alphabets: list[str] | Literal["background", "evaluation"] | None = None,
         train_fraction: float = 0.5,
         val_fraction: float = 0.2,
         test_fraction: float = 0.3,
@@ -119,7 +121,11 @@ class OmniglotAlphabets(MultiTaskDataModule):
             )
         if split_seed < 0:
             raise ValueError(f"split_seed must be >= 0, got {split_seed}")
-        if alphabets is not None and (not alphabets or len(set(alphabets)) != len(alphabets)):
+        if isinstance(alphabets, str):
+            if alphabets not in ("background", "evaluation"):
+                raise ValueError(f"alphabets must be a list of names, 'background', 'evaluation' or None, got "
+                                 f"{alphabets!r}")
+        elif alphabets is not None and (not alphabets or len(set(alphabets)) != len(alphabets)):
             raise ValueError(f"alphabets must be None or a non-empty list without repeats, got {alphabets}")
         self.save_hyperparameters()
         self.archives = OmniglotArchives(resolve_data_root(root), resolve_cache_dir(cache_dir), image_size, download)
@@ -134,9 +140,14 @@ class OmniglotAlphabets(MultiTaskDataModule):
         payload = self.archives.load()
         images, names = payload["images"], payload["characters"]
         by_alphabet: dict[str, list[int]] = {}
+        background = set()
         for i, name in enumerate(names):  # background alphabets first, each group sorted: the cache order
             by_alphabet.setdefault(name.split("/")[0], []).append(i)
+            if payload["background"][i]:
+                background.add(name.split("/")[0])
         wanted = self.hparams.alphabets or list(by_alphabet)
+        if isinstance(wanted, str):  # Lake et al.'s background or evaluation alphabets
+            wanted = [a for a in by_alphabet if (a in background) == (wanted == "background")]
         unknown = [a for a in wanted if a not in by_alphabet]
         if unknown:
             raise ValueError(f"unknown Omniglot alphabets {unknown}; available: {', '.join(by_alphabet)}")

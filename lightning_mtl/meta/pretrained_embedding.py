@@ -17,6 +17,7 @@ the frozen features ``z = f(x)``, L2-normalised (``z / ||z||``, which Tian et al
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -69,6 +70,35 @@ def logistic_regression_logits(support: Tensor, labels: Tensor, query: Tensor, w
         return (query @ weight + bias).detach()
 
 
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> str:
+    """Load into ``backbone`` the weights of the module in checkpoint ``path`` that has exactly its parameters and
+    buffers (names and shapes): a multi-task model's shared backbone (``architecture.backbone.*``), another few-shot
+    model's backbone, or a plain state dict. Loaded weights-only.
+
+    Returns:
+        The prefix the weights were found under (``""`` for a backbone's own state dict).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: no module of the checkpoint matches the backbone (the message lists the closest prefixes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint {path} not found; give the path of a .ckpt written by fit.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = backbone.state_dict()
+    first = next(iter(own))
+    prefixes = sorted({k[: -len(first)] for k in state if k.endswith(first)}, key=len)
+    for prefix in prefixes:
+        if all(prefix + k in state and state[prefix + k].shape == v.shape for k, v in own.items()):
+            backbone.load_state_dict({k: state[prefix + k] for k in own})
+            return prefix
+    raise ValueError(f"{path}: no module with the backbone's {len(own)} tensors (first {first!r}); candidates "
+                     f"{prefixes or 'none'}. Give the backbone the checkpoint was trained with (same class and "
+                     f"arguments).")
+
+
 class EmbeddingBaseline(EpisodicModule):
     """Supervised pre-training on all training classes, few-shot evaluation on the frozen embedding (Tian et al.).
 
@@ -83,6 +113,10 @@ class EmbeddingBaseline(EpisodicModule):
         distance: distance to the prototypes: ``"euclidean"`` (squared) or ``"cosine"``.
         logistic_c: inverse L2 regularisation of the logistic regression (scikit-learn's ``C``; Tian et al.: 1).
         logistic_steps: maximum L-BFGS iterations of the logistic regression.
+        pretrained: a checkpoint whose backbone weights are loaded at construction
+            (:func:`load_backbone_weights`): evaluate, on episodes, the embedding of another model, e.g. the shared
+            backbone of a multi-task model trained with one task per background alphabet (multi-task pre-training
+            for few-shot learning; ``recipes/configs/omniglot/multitask_embedding_lake_5w1s.yaml``).
         optimizer: optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: scheduler factory, stepped every training step.
 
@@ -100,6 +134,7 @@ class EmbeddingBaseline(EpisodicModule):
         distance: Literal["euclidean", "cosine"] = "euclidean",
         logistic_c: float = 1.0,
         logistic_steps: int = 100,
+        pretrained: str | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -114,6 +149,8 @@ class EmbeddingBaseline(EpisodicModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone if backbone is not None else Conv4(in_channels=image_shape[0])
+        if pretrained is not None:
+            load_backbone_weights(self.backbone, pretrained)
         self.feature_dim = feature_dim(self.backbone, image_shape)
         self.head: nn.Linear | None = None if num_classes is None else nn.Linear(self.feature_dim, num_classes)
 

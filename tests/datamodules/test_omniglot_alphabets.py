@@ -105,3 +105,16 @@ def test_other_split_seed_changes_drawings(omniglot_root, cache_dir, alphabets):
     dm.setup()
     assert not torch.equal(dm.splits.train["Latin"].tensors[0], alphabets.splits.train["Latin"].tensors[0])
     np.testing.assert_array_equal(dm.splits.train["Latin"].tensors[1], alphabets.splits.train["Latin"].tensors[1])
+
+
+def test_lake_background_and_evaluation_alphabets(omniglot_root, cache_dir):
+    """``alphabets="background"`` / ``"evaluation"``: Lake et al.'s 30 / 20 alphabets, 964 / 659 characters."""
+    from lightning_mtl.datamodules import OmniglotAlphabets
+
+    counts = {}
+    for group in ("background", "evaluation"):
+        data = OmniglotAlphabets(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, alphabets=group)
+        data.prepare_data()
+        data.setup("fit")
+        counts[group] = (len(data.tasks), sum(data.num_classes.values()))
+    assert counts == {"background": (30, 964), "evaluation": (20, 659)}

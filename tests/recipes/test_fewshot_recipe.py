@@ -79,7 +79,11 @@ def test_config_parses(config, capsys):
     assert "class_path: lightning_mtl.meta." in printed and "precision:" in printed
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+# evaluation-only configs (a pre-trained embedding, `test` only) have their own end-to-end test
+TRAINABLE = [c for c in CONFIGS if "pretrained:" not in c.read_text()]
+
+
+@pytest.mark.parametrize("config", TRAINABLE, ids=lambda p: p.stem)
 def test_config_fast_dev_run(config, data_env, tmp_path):
     """Every config trains a step and validates; at fp32, as bf16 autocast runs Conv-4 6-8x slower on CPUs without
     AVX-512 BF16 (bf16-mixed itself is covered by test_real_fit_then_test_best_and_last and the DDP matrix)."""
@@ -365,3 +369,24 @@ def test_ways_and_image_shape_are_stated_once_in_the_data(config, ways, image_sh
                              args=["--config", str(REPO / "recipes" / "configs" / config), "--trainer.logger=false",
                                    f"--checkpoint.dirpath={tmp_path}/ckpt"])
     assert cli.model.head.out_features == ways and tuple(cli.model.image_shape) == image_shape
+
+
+def test_multitask_pretraining_then_few_shot_evaluation_of_its_backbone(data_env, tmp_path, monkeypatch):
+    """Lake protocol: a multi-task model with one task per background alphabet, then its shared Conv-4 as the
+    prototype embedding of EmbeddingBaseline on episodes of the evaluation alphabets (the two configs, shortened)."""
+    spec = importlib.util.spec_from_file_location("multitask_recipe", REPO / "recipes" / "multitask.py")
+    multitask = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multitask)
+    lake = REPO / "recipes" / "configs" / "omniglot_alphabets" / "lake_background_quick.yaml"
+    pretrain = multitask.main(["fit", "--config", str(lake), "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                               "--trainer.logger=false", "--trainer.limit_val_batches=1",
+                               f"--checkpoint.dirpath={tmp_path}/mtl"])
+    assert len(pretrain.model.task_names) == 30  # the background alphabets
+    shared = pretrain.model.architecture.backbone.state_dict()
+    test = fewshot.main(["test", "--config", str(REPO / "recipes/configs/omniglot/multitask_embedding_lake_5w1s.yaml"),
+                         f"--model.pretrained={tmp_path}/mtl/last.ckpt", "--data.test_episodes=40",
+                         "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path}/emb"])
+    loaded = test.model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in shared.items())
+    assert test.trainer.callback_metrics["test/episodes"] == 40
+    assert 0.2 < float(test.trainer.callback_metrics["test/acc"]) <= 1
