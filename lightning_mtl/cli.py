@@ -589,8 +589,45 @@ class RecipeCLI(LightningCLI):
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
 
+    def before_fit(self) -> None:
+        import time
+
+        self._fit_started = time.time()
+
+    def _write_run_record(self) -> None:
+        """``run.json`` beside the checkpoints: what ``recipes/report.py`` needs to tell how a result was made (command,
+        hardware, precision, versions, commit, steps, wall time of the fit)."""
+        import platform
+        import subprocess
+        import time
+
+        import lightning
+
+        dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
+        if dirpath is None or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
+            return
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+        accelerator = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                       else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
+        record = {
+            "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *getattr(self, "_raw_args", [])]),
+            "subcommand": "fit", "global_step": int(self.trainer.global_step),
+            "fit_seconds": round(time.time() - getattr(self, "_fit_started", time.time()), 1),
+            "precision": str(self.trainer.precision), "devices": int(self.trainer.world_size),
+            "hardware": accelerator, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "lightning": lightning.__version__, "commit": commit,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        Path(dirpath).mkdir(parents=True, exist_ok=True)
+        (Path(dirpath) / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+
     # these hooks run only when the subcommand has returned on this rank: end the process group (see end_distributed)
     def after_fit(self) -> None:
+        self._write_run_record()
         checkpoint = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, RecipeCheckpoint)), None)
         if (checkpoint is not None and not self.trainer.fast_dev_run and checkpoint.monitor
                 and not checkpoint.best_model_path and self.trainer.global_step > 0):

@@ -353,6 +353,9 @@ def test_a_users_own_episodic_datamodule_runs_through_the_recipe(tmp_path):
 
     metrics = json.loads((tmp_path / "runs" / "glyphs" / "test_metrics.json").read_text())
     assert metrics["test/episodes"] == 24 and metrics["test/acc"] > 0.9
+    record = json.loads((tmp_path / "runs" / "glyphs" / "checkpoints" / "run.json").read_text())  # for report.py
+    assert record["global_step"] == 20 and record["fit_seconds"] > 0 and record["precision"] == "32-true"
+    assert record["command"].endswith("fit --config glyphs.yaml --data.episodes.test_episodes=24")
 
 
 @pytest.mark.parametrize(("config", "ways", "image_shape"), [
