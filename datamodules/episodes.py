@@ -31,13 +31,17 @@ class EpisodeSampler:
         queries: query examples per class (Q); support and query examples of a class are distinct samples.
         meta_batch_size: episodes stacked into one :class:`~lightning_mtl.batches.Episode`.
         name: what the classes are, used in error messages (e.g. ``"Omniglot vinyals/train"``).
+        families: ``(classes,)`` family index of every class (e.g. its alphabet): each episode then draws a family
+            uniformly among those with at least ``ways`` classes, takes its classes from it, and carries the family
+            index (``Episode.family``). ``None``: classes from the whole split (and no extra random draw).
 
     Raises:
         ValueError: an episode cannot be drawn from ``images`` with these settings.
     """
 
     def __init__(
-        self, images: np.ndarray, ways: int, shots: int, queries: int, meta_batch_size: int = 1, name: str = "dataset"
+        self, images: np.ndarray, ways: int, shots: int, queries: int, meta_batch_size: int = 1, name: str = "dataset",
+        families: np.ndarray | None = None,
     ) -> None:
         if images.ndim != 5:
             raise ValueError(f"{name}: images must have shape (classes, samples, C, H, W), got {images.shape}")
@@ -58,6 +62,19 @@ class EpisodeSampler:
             )
         self.images = images
         self.ways, self.shots, self.queries, self.meta_batch_size = ways, shots, queries, meta_batch_size
+        self.families = None if families is None else np.asarray(families, dtype=np.int64)
+        if self.families is not None:
+            if self.families.shape != (n_classes,):
+                raise ValueError(f"{name}: families must give one family per class ({n_classes}), got shape "
+                                 f"{self.families.shape}")
+            self.members = [np.flatnonzero(self.families == f) for f in np.unique(self.families)]
+            self.family_ids = np.unique(self.families)
+            usable = [len(m) >= ways for m in self.members]
+            if not any(usable):
+                raise ValueError(f"{name}: no family has {ways} classes for {ways}-way episodes drawn within a "
+                                 f"family; lower the ways.")
+            self.members = [m for m, ok in zip(self.members, usable, strict=True) if ok]
+            self.family_ids = self.family_ids[np.asarray(usable)]
         self.name = name
         self._support_y = torch.arange(ways).repeat_interleave(shots).expand(meta_batch_size, -1).contiguous()
         self._query_y = torch.arange(ways).repeat_interleave(queries).expand(meta_batch_size, -1).contiguous()
@@ -66,20 +83,32 @@ class EpisodeSampler:
     def num_classes(self) -> int:
         return self.images.shape[0]
 
-    def _draw(self, rng: np.random.Generator) -> np.ndarray:
-        classes = rng.choice(self.num_classes, self.ways, replace=False)  # (ways,)
+    @property
+    def num_families(self) -> int:
+        """Number of families episodes are drawn from (0 without families)."""
+        return 0 if self.families is None else int(self.families.max()) + 1
+
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        family = -1
+        if self.families is None:
+            classes = rng.choice(self.num_classes, self.ways, replace=False)  # (ways,)
+        else:
+            pick = int(rng.integers(len(self.members)))
+            family, classes = int(self.family_ids[pick]), rng.choice(self.members[pick], self.ways, replace=False)
         # an independent permutation of the samples of each chosen class; first K support, next Q query
         order = rng.random((self.ways, self.images.shape[1])).argsort(axis=1)[:, : self.shots + self.queries]
-        return self.images[classes[:, None], order]  # (ways, shots + queries, C, H, W)
+        return self.images[classes[:, None], order], family  # (ways, shots + queries, C, H, W), family index
 
     def episode(self, rngs: list[np.random.Generator]) -> Episode:
         """One meta-batch; ``rngs[b]`` draws episode ``b``."""
-        x = np.stack([self._draw(rng) for rng in rngs])  # (B, ways, K + Q, C, H, W)
+        draws = [self._draw(rng) for rng in rngs]
+        x = np.stack([d[0] for d in draws])  # (B, ways, K + Q, C, H, W)
         b, k = len(rngs), self.shots
         shape = x.shape[3:]
         support = torch.from_numpy(np.ascontiguousarray(x[:, :, :k]).reshape(b, -1, *shape))
         query = torch.from_numpy(np.ascontiguousarray(x[:, :, k:]).reshape(b, -1, *shape))
-        return Episode(support, self._support_y[:b], query, self._query_y[:b], self.ways)
+        family = None if self.families is None else torch.tensor([d[1] for d in draws])
+        return Episode(support, self._support_y[:b], query, self._query_y[:b], self.ways, family)
 
 
 def episode_rng(seed: int, stream: str, rank: int, index: int) -> np.random.Generator:

@@ -73,6 +73,9 @@ class OmniglotEpisodes(EpisodicImages):
             images labelled by class among all training classes (pre-training; validation and test stay
             episodes).
         train_batch_size: images per training batch and process under ``train_mode="classes"``.
+        family_episodes: draw every episode's classes from one alphabet (uniform over the alphabets with enough
+            characters) and label the episode with it (``Episode.family``, the alphabet's index among the split's
+            alphabets): the task families of TR-MAML and of per-alphabet evaluation (``val/worst_family_acc``).
     """
 
     @classmethod
@@ -103,6 +106,7 @@ class OmniglotEpisodes(EpisodicImages):
         num_workers: int = 0,
         train_mode: Literal["episodes", "classes"] = "episodes",
         train_batch_size: int = 64,
+        family_episodes: bool = False,
     ) -> None:
         super().__init__(EpisodeSettings(
             train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
@@ -153,6 +157,28 @@ class OmniglotEpisodes(EpisodicImages):
         self.archives.fetch_missing(extra)
         self.archives.prepare()
 
+    def split_families(self, payload: dict, split: str) -> np.ndarray:
+        """The alphabet of every class of ``split`` (in the order of :meth:`_split_classes`), as indices into the
+        split's sorted alphabet names (:meth:`family_names`)."""
+        alphabets = [c.split("/")[0] for c in self._split_names(payload, split)]
+        names = sorted(set(alphabets))
+        return np.asarray([names.index(a) for a in alphabets], dtype=np.int64)
+
+    def family_names(self, stage: str) -> list[str]:
+        """The alphabets of ``stage``, in the order of ``Episode.family`` indices (after :meth:`setup`)."""
+        hp = self.hparams
+        split = {"train": hp.train_split if hp.protocol == "vinyals" else "train"}.get(stage, stage)
+        return sorted({c.split("/")[0] for c in self._split_names(self.archives.load(), split)})
+
+    def _split_names(self, payload: dict, split: str) -> list[str]:
+        """``Alphabet/characterNN`` of every class of ``split``, in the order of :meth:`_split_classes`."""
+        if self.hparams.protocol == "lake":
+            background = np.asarray(payload["background"])
+            keep = background if split in ("train", "val") else ~background
+            return [c for c, k in zip(payload["characters"], keep, strict=True) if k]
+        return [_SPLIT_LINE.match(line)["char"] for line in self._split_file(split).read_text().split()
+                if _SPLIT_LINE.match(line)]
+
     def _split_classes(self, payload: dict, split: str) -> np.ndarray:
         """``(classes, 20, 1, H, W)`` images of one split (rotations applied)."""
         images = payload["images"].numpy()
@@ -186,5 +212,7 @@ class OmniglotEpisodes(EpisodicImages):
         splits = {"train": train_split, "val": "val", "test": "test"}
         for stage_name, split in splits.items():
             ways, shots, queries, batch = self.episodes.shape(stage_name)
+            families = self.split_families(payload, split) if hp.family_episodes else None
             self.samplers[stage_name] = EpisodeSampler(self._split_classes(payload, split), ways, shots, queries,
-                                                       batch, name=f"Omniglot {hp.protocol}/{split}")
+                                                       batch, name=f"Omniglot {hp.protocol}/{split}",
+                                                       families=families)

@@ -32,6 +32,8 @@ class Episode(NamedTuple):
         query_x: ``(B, ways * queries, C, H, W)`` query images, disjoint from the support images.
         query_y: ``(B, ways * queries)`` labels in ``0 .. ways - 1``.
         ways: number of classes per episode, as a Python int so that no device synchronisation is needed to read it.
+        family: ``(B,)`` index of each episode's task family (e.g. its Omniglot alphabet) when the datamodule draws
+            every episode from one family (``family_episodes``); ``None`` otherwise. TR-MAML reads it.
     """
 
     support_x: Tensor
@@ -39,6 +41,7 @@ class Episode(NamedTuple):
     query_x: Tensor
     query_y: Tensor
     ways: int
+    family: Tensor | None = None
 
     @property
     def meta_batch_size(self) -> int:

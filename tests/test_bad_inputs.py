@@ -717,7 +717,7 @@ CLI_CASES = [
     CliCase("unknown_method_name", QUICK, ("--model=ProtoNett",),
             "error: model: no class named 'ProtoNett'; did you mean ProtoNet? valid names: ANIL, EmbeddingBaseline, "
             "LearnedOptimizer, MAML, MatchingNetwork, MetaOptNet, MetaSGD, ProtoNet, R2D2, RelationNetwork, Reptile, "
-            "SiameseNetwork (or the full class path of your own, e.g. my_module.MyClass)"),
+            "SiameseNetwork, TRMAML (or the full class path of your own, e.g. my_module.MyClass)"),
     CliCase("unknown_subcommand", QUICK, ("fitt",),
             "error: argument subcommand: invalid choice: 'fitt' (choose from 'fit', 'validate', 'test')"),
 ]

@@ -17,6 +17,7 @@ from lightning_mtl.meta.r2d2 import R2D2, ridge_logits
 from lightning_mtl.meta.relation import RelationEmbedding, RelationNetwork, class_features
 from lightning_mtl.meta.reptile import Reptile
 from lightning_mtl.meta.siamese import KochEmbedding, SiameseNetwork, nearest_support_logits
+from lightning_mtl.meta.tr_maml import TRMAML, family_ascent, family_weighted_loss, project_to_simplex
 
 __all__ = [
     "ANIL",
@@ -38,10 +39,14 @@ __all__ = [
     "RelationNetwork",
     "Reptile",
     "SiameseNetwork",
+    "TRMAML",
     "class_features",
+    "family_ascent",
+    "family_weighted_loss",
     "logistic_regression_logits",
     "matching_log_probs",
     "nearest_support_logits",
+    "project_to_simplex",
     "prototypes",
     "ridge_logits",
     "squared_euclidean_logits",

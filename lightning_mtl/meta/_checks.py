@@ -19,7 +19,7 @@ def check_episode(episode: Episode, method: str, min_ways: int = 2) -> None:
         ValueError: the images are not ``(B, N, C, H, W)``, labels and images disagree in shape, the support set is
             not ``ways * shots`` examples, or ``ways < min_ways``.
     """
-    sx, sy, qx, qy, ways = episode
+    sx, sy, qx, qy, ways = episode[:5]
     if ways < min_ways:
         raise ValueError(f"{method} needs episodes of at least {min_ways} ways, got {ways}-way episodes")
     for name, x, y in (("support", sx, sy), ("query", qx, qy)):

@@ -135,7 +135,8 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if isinstance(batch, Episode):  # direct, skipping the generic collection traversal
-            return Episode(*(t.to(device, non_blocking=True) for t in batch[:4]), batch.ways)
+            family = None if batch.family is None else batch.family.to(device, non_blocking=True)
+            return Episode(*(t.to(device, non_blocking=True) for t in batch[:4]), batch.ways, family)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def logs_this_step(self) -> bool:

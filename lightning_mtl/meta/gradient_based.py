@@ -238,6 +238,6 @@ class GradientLearner(EpisodicModule):
         # Evaluation runs under no_grad / inference_mode, but adaptation needs gradients: re-enable them locally and
         # clone the inputs, which may be inference tensors.
         with torch.inference_mode(False), torch.enable_grad():
-            episode = Episode(*(t.clone() for t in episode[:4]), episode.ways)
+            episode = Episode(*(t.clone() for t in episode[:4]), episode.ways, episode.family)
             logits = [self.task_logits(episode, i, stage).detach() for i in range(episode.meta_batch_size)]
         return torch.stack(logits)
