@@ -7,6 +7,7 @@ from lightning_mtl.datamodules.episodes import EpisodeSampler, EpisodeStream, Fi
 from lightning_mtl.datamodules.image_folder import ImageFolderEpisodes
 from lightning_mtl.datamodules.l2l_tasks import TaskDatasetEpisodes
 from lightning_mtl.datamodules.mini_imagenet import MiniImageNetEpisodes
+from lightning_mtl.datamodules.multi_domain import MultiDomainEpisodes
 from lightning_mtl.datamodules.multimnist import MultiMNIST, read_idx
 from lightning_mtl.datamodules.multitask import MultiTargetDataset, MultiTaskDataModule, TaskSplits
 from lightning_mtl.datamodules.nyuv2 import Cityscapes, NYUv2
@@ -26,6 +27,7 @@ __all__ = [
     "FixedEpisodes",
     "ImageFolderEpisodes",
     "MiniImageNetEpisodes",
+    "MultiDomainEpisodes",
     "MultiMNIST",
     "MultiTargetDataset",
     "MultiTaskDataModule",

@@ -18,7 +18,8 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _get_module_type
+from lightning.pytorch.cli import _InstantiatorFn as _LightningInstantiator
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mtl.callbacks import NonFiniteGuard
@@ -410,6 +411,21 @@ def quiet_lightning() -> None:
         rank_zero_log.addFilter(_DropTips())
 
 
+class _TopLevelInstantiator(_LightningInstantiator):
+    """Lightning's instantiator gives every module it builds under ``model`` / ``data`` the configuration of that key
+    as its hyper-parameters, nested ones included: a datamodule inside a datamodule (``MultiDomainEpisodes``'
+    domains) would receive its parent's arguments as ``hparams``. Only the class the key names gets them here; a
+    nested one saves its own arguments, as in plain Python."""
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        named = (self.cli.config_dump.get(self.key) or {}).get("class_path") if hasattr(self.cli, "config_dump") \
+            else None
+        if named is not None and named != f"{class_type.__module__}.{class_type.__qualname__}" \
+                and str(named).rsplit(".", 1)[-1] != class_type.__qualname__:
+            return class_type(*args, **kwargs)
+        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+
+
 class RecipeCLI(LightningCLI):
     """LightningCLI with a ``checkpoint`` group (best by :attr:`monitor` and last), the W&B logger of
     :mod:`lightning_mtl.loggers` by default, and ``--ckpt_path best|last`` for ``test``/``validate`` in a fresh
@@ -454,6 +470,12 @@ class RecipeCLI(LightningCLI):
     def catalogue(self) -> dict[str, dict[str, object]]:
         """What ``--help`` lists: section title → {name: class or module}. Recipes override it."""
         return {}
+
+    def _add_instantiators(self) -> None:
+        for key, cls, subclasses in (("model", self._model_class, self.subclass_mode_model),
+                                     ("data", self._datamodule_class, self.subclass_mode_data)):
+            self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key=key), _get_module_type(cls),
+                                         subclasses=subclasses)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a failure caused by a bad setting (a ``ValueError`` / ``TypeError`` /

@@ -56,6 +56,7 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.episode_accs = torch.nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
+        self.episode_families = torch.nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
         self.meta_balancer_spec, self.diagnostics_every = meta_balancer, diagnostics_every
         self.meta_balancer: GradientAggregator | None = None  # built for the global meta-batch size (setup)
 
@@ -248,6 +249,8 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
     def _eval_step(self, episode: Episode, stage: str) -> None:
         loss, accs = self._step(episode, stage)
         self.episode_accs[stage].update(accs)
+        if episode.family is not None:  # per-family accuracy (TR-MAML's alphabets, multi-domain episodes)
+            self.episode_families[stage].update(episode.family.float())
         self.log(f"{stage}/loss", loss, batch_size=episode.meta_batch_size, sync_dist=True)
 
     def validation_step(self, episode: Episode, batch_idx: int) -> None:
@@ -256,12 +259,36 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
     def test_step(self, episode: Episode, batch_idx: int) -> None:
         self._eval_step(episode, "test")
 
+    def _family_accuracies(self, stage: str, accs: Tensor) -> None:
+        """``<stage>/<family>/acc`` ± ``_ci95`` of every episode family (names from the datamodule's
+        ``family_names(stage)`` when it has them) and ``<stage>/worst_family_acc``, when the episodes carry families."""
+        metric = self.episode_families[stage]
+        metric.update(torch.zeros(0, device=self.device))
+        families = metric.compute()
+        metric.reset()
+        if not isinstance(families, Tensor) or not families.numel() or families.numel() != accs.numel():
+            return  # episodes without families (torchmetrics gives an empty list when nothing was gathered)
+        families = families.long()
+        names_of = getattr(getattr(self._trainer, "datamodule", None), "family_names", None)
+        names = names_of(stage) if callable(names_of) else []
+        worst = None
+        for k in families.unique().tolist():
+            values = accs[families == k].float()
+            name = names[k] if k < len(names) else f"family{k}"
+            mean = values.mean()
+            ci = 1.96 * values.std(unbiased=False) / math.sqrt(values.numel()) if values.numel() > 1 else mean * 0
+            self.log(f"{stage}/{name}/acc", mean, sync_dist=True)
+            self.log(f"{stage}/{name}/acc_ci95", ci, sync_dist=True)
+            worst = mean if worst is None else torch.minimum(worst, mean)
+        self.log(f"{stage}/worst_family_acc", worst, sync_dist=True)
+
     def _eval_epoch_end(self, stage: str) -> tuple[Tensor, Tensor, int]:
         metric = self.episode_accs[stage]
         # an empty update keeps compute() (a collective under DDP) valid on a rank that evaluated no episode
         metric.update(torch.zeros(0, device=self.device))
         accs = metric.compute()  # per-episode accuracies of all ranks
         metric.reset()
+        self._family_accuracies(stage, accs)
         n = accs.numel()
         mean = accs.mean() if n else torch.tensor(float("nan"), device=self.device)
         ci95 = 1.96 * accs.std(unbiased=False) / math.sqrt(n) if n > 1 else torch.zeros((), device=self.device)

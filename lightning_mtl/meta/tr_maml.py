@@ -14,8 +14,9 @@ Its Algorithm 1 is a stochastic gradient descent-ascent. Each step draws a meta-
     p     <- Proj_simplex(p + beta * (m / B) sum_i L_i e_{f_i})              (projected ascent on the weights)
 
 With uniform weights ``p = 1/m`` the first line is MAML's update. ``p`` is a buffer (checkpointed, identical on every
-rank: under DDP the ascent uses the losses of the global meta-batch). Validation and test log the accuracy of the
-worst family (``val/worst_family_acc``, mean over each family's episodes), the quantity TR-MAML improves.
+rank: under DDP the ascent uses the losses of the global meta-batch). Validation and test log each family's accuracy
+and the worst one's (``val/worst_family_acc``; :class:`~lightning_mtl.meta.EpisodicModule`), the quantity TR-MAML
+improves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import CatMetric
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
@@ -113,7 +113,6 @@ class TRMAML(MAML):
                          first_order=first_order, optimizer=optimizer, lr_scheduler=lr_scheduler)
         save_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.register_buffer("family_weights", None if families is None else torch.full((families,), 1.0 / families))
-        self.episode_families = nn.ModuleDict({"val": CatMetric(), "test": CatMetric()})
 
     def configure_model(self) -> None:
         """With ``families=None``, one weight per family of the datamodule's training sampler."""
@@ -152,29 +151,3 @@ class TRMAML(MAML):
             self.log("train/acc", accs.mean(), prog_bar=True, batch_size=b)
             self.log("train/max_family_weight", self.family_weights.max())
         return loss
-
-    def _eval_step(self, episode: Episode, stage: str) -> None:
-        super()._eval_step(episode, stage)
-        if episode.family is not None:
-            self.episode_families[stage].update(episode.family.float())
-
-    def _worst_family(self, stage: str) -> None:
-        families = self.episode_families[stage]
-        families.update(torch.zeros(0, device=self.device))
-        labels = families.compute()
-        families.reset()
-        self.episode_accs[stage].update(torch.zeros(0, device=self.device))  # valid on a rank without episodes
-        accs = self.episode_accs[stage].compute()  # before the base class resets it
-        if labels.numel() and labels.numel() == accs.numel():
-            labels = labels.long()
-            sums = torch.zeros(int(labels.max()) + 1, device=accs.device).index_add_(0, labels, accs.float())
-            counts = torch.zeros_like(sums).index_add_(0, labels, torch.ones_like(accs, dtype=sums.dtype))
-            self.log(f"{stage}/worst_family_acc", (sums[counts > 0] / counts[counts > 0]).min(), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self._worst_family("val")
-        super().on_validation_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._worst_family("test")
-        super().on_test_epoch_end()

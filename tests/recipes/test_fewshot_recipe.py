@@ -20,7 +20,8 @@ RECIPE = REPO / "recipes" / "fewshot.py"
 CONFIGS = sorted((REPO / "recipes" / "configs" / "omniglot").glob("*.yaml"))
 # other datasets: Mini-ImageNet images are not available offline (parse only); Tiny-ImageNet's subset is real data
 OTHER_CONFIGS = sorted((REPO / "recipes" / "configs").glob("mini_imagenet/*.yaml")) + sorted(
-    (REPO / "recipes" / "configs").glob("tiny_imagenet/*.yaml"))  # the other few-shot configs
+    (REPO / "recipes" / "configs").glob("tiny_imagenet/*.yaml")) + sorted(
+    (REPO / "recipes" / "configs").glob("multi_domain/*.yaml"))  # the other few-shot configs
 
 
 def load_recipe():
@@ -393,3 +394,15 @@ def test_multitask_pretraining_then_few_shot_evaluation_of_its_backbone(data_env
     assert all(torch.equal(loaded[k], v) for k, v in shared.items())
     assert test.trainer.callback_metrics["test/episodes"] == 40
     assert 0.2 < float(test.trainer.callback_metrics["test/acc"]) <= 1
+
+
+def test_multi_domain_config_trains_and_logs_each_domain(data_env, tmp_path):
+    """The multi-domain config (Omniglot + the Tiny-ImageNet subset) through the recipe, shortened."""
+    if not (Path(os.environ["LIGHTNING_MTL_DATA"]) / "tiny-imagenet" / "tiny-imagenet-200-subset.zip").exists():
+        pytest.skip("the Tiny-ImageNet subset is absent")
+    cli = fewshot.main(["fit", "--config", str(REPO / "recipes/configs/multi_domain/protonet_5w1s_quick.yaml"),
+                        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.logger=false",
+                        "--data.episodes.val_episodes=20", "--trainer.enable_progress_bar=false",
+                        f"--checkpoint.dirpath={tmp_path}/ckpt"])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/omniglot/acc", "val/tiny_imagenet/acc", "val/worst_family_acc", "val/acc"} <= set(metrics)
