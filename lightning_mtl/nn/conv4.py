@@ -53,7 +53,7 @@ class Conv4(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last:
+        if self.channels_last and not torch._C._functorch.is_batchedtensor(x):  # (vmap has no memory formats)
             x = _channels_last(x)  # the convolutions then keep the layout, whatever the weights' strides
         return self.features(x).flatten(1)  # (N, out_channels * h * w)
 
@@ -92,8 +92,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
+        if torch._C._functorch.is_batchedtensor(x) or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)  # NCHW, or under vmap (where memory formats cannot be queried)
         n, c, h, w = x.shape
         return super().forward(x.permute(0, 2, 3, 1).reshape(n * h * w, c)).view(n, h, w, c).permute(0, 3, 1, 2)
 

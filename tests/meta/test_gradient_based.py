@@ -97,3 +97,35 @@ def test_checkpoints_of_the_old_layout_load():
 def test_an_override_of_the_old_inner_loss_name_is_refused():
     with pytest.raises(TypeError, match="now `inner_loss"):
         type("Old", (Reptile,), {"task_loss": lambda self, logits, y: logits.sum()})
+
+
+@pytest.mark.parametrize("cls", [MAML, ANIL, MetaSGD, LearnedOptimizer])
+def test_vmapped_meta_batch_equals_the_loop(cls):
+    """All tasks of a meta-batch adapted in one torch.func.vmap: the query logits (evaluation, and first-order
+    training) and the first-order meta-gradient equal the loop's; second-order training keeps the loop."""
+    from lightning_mtl.nn import Conv4
+
+    g = torch.Generator().manual_seed(0)
+    episode = Episode(torch.randn(3, 5, 1, 28, 28, generator=g, dtype=torch.float64),
+                      torch.arange(5).expand(3, -1).clone(),
+                      torch.randn(3, 10, 1, 28, 28, generator=g, dtype=torch.float64),
+                      torch.arange(5).repeat_interleave(2).expand(3, -1).clone(), 5)
+    torch.manual_seed(0)
+    model = cls(ways=5, backbone=Conv4(hidden_channels=8, out_channels=8, track_running_stats=False),
+                image_shape=(1, 28, 28), inner_steps=2, first_order=True).double()
+    results = {}
+    for mode in ("loop", "vmap"):
+        model.vectorize = mode
+        logits = model.episode_logits(episode, "train")
+        grads = torch.autograd.grad(logits.pow(2).sum(), list(model.parameters()), allow_unused=True)
+        with torch.inference_mode():
+            evaluation = model.episode_logits(episode, "val")
+        results[mode] = (logits.detach(), grads, evaluation)
+    (a, ga, ea), (b, gb, eb) = results["loop"], results["vmap"]
+    torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(eb, ea, atol=1e-10, rtol=1e-8)
+    for x, y in zip(ga, gb, strict=True):
+        if x is not None:
+            torch.testing.assert_close(y, x, atol=1e-10, rtol=1e-8)
+    model.first_order, model.vectorize = False, "vmap"
+    assert not model._vectorized(episode.support_x, "train") and model._vectorized(episode.support_x, "val")
