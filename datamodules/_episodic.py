@@ -57,6 +57,8 @@ class EpisodeSettings:
         num_workers: dataloader worker processes.
         train_mode: ``"episodes"`` (meta-training) or ``"classes"`` (pre-training batches labelled by class).
         train_batch_size: images per training batch and process under ``train_mode="classes"``.
+        on_device: keep the images on the accelerator and draw the episodes there
+            (:attr:`EpisodicImages.episodes_on_device`).
     """
 
     train_ways: int = 5
@@ -74,6 +76,7 @@ class EpisodeSettings:
     num_workers: int = 0
     train_mode: Literal["episodes", "classes"] = "episodes"
     train_batch_size: int = 64
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         if self.train_mode not in ("episodes", "classes"):
@@ -210,6 +213,7 @@ class EpisodicImages(L.LightningDataModule):
     def __init__(self, episodes: EpisodeSettings) -> None:
         super().__init__()
         self.episodes = episodes
+        self.episodes_on_device = episodes.on_device
         self.samplers: dict[str, EpisodeSampler] = {}
         self._resume_at: dict[str, int] = {}
 
@@ -272,7 +276,26 @@ class EpisodicImages(L.LightningDataModule):
         """Make the next :meth:`train_dataloader` continue the stream where the checkpoint left it."""
         self._resume_at = dict(state_dict)
 
+    #: keep the decoded images on the accelerator and draw episodes there (:meth:`EpisodeSampler.to_device`): no
+    #: host-to-device copy of images per step; the episodes are exactly those of the host sampler. Needs
+    #: ``num_workers=0`` (CUDA tensors do not cross to worker processes).
+    episodes_on_device: bool = False
+
+    def _place_samplers(self) -> None:
+        if not self.episodes_on_device or self.trainer is None:
+            return
+        if self.episodes.num_workers:
+            raise ValueError("episodes_on_device draws the episodes in the main process: set num_workers 0.")
+        device = self.trainer.strategy.root_device
+        for sampler in self.samplers.values():
+            if not hasattr(sampler, "to_device"):
+                raise ValueError(f"{type(self).__name__} cannot draw its episodes on the device; set "
+                                 f"episodes.on_device false.")
+            if getattr(sampler, "device_images", None) is None or sampler.device_images.device != device:
+                sampler.to_device(device)
+
     def train_dataloader(self) -> DataLoader:
+        self._place_samplers()
         rank, world = self._rank()
         e = self.episodes
         # every meta-batch is a pure function of its index: a resumed stream just starts at the next one. (A stream
@@ -285,6 +308,7 @@ class EpisodicImages(L.LightningDataModule):
         return self._loader(EpisodeStream(self.samplers["train"], e.seed, rank=rank, start=start))
 
     def _eval_dataloader(self, stage: str) -> DataLoader:
+        self._place_samplers()
         rank, world = self._rank()
         e = self.episodes
         count = e.val_episodes if stage == "val" else e.test_episodes

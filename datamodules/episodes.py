@@ -88,7 +88,15 @@ class EpisodeSampler:
         """Number of families episodes are drawn from (0 without families)."""
         return 0 if self.families is None else int(self.families.max()) + 1
 
-    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def to_device(self, device: torch.device | str) -> EpisodeSampler:
+        """Keep a copy of the images on ``device`` and gather every episode there: the random draws stay on the host
+        (the same generators, so exactly the episodes of the host sampler), only the few indices of an episode cross
+        to the device, never its images. Returns ``self``."""
+        self.device_images = torch.from_numpy(np.ascontiguousarray(self.images)).to(device)
+        return self
+
+    def _indices(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        """The classes ``(ways,)``, the sample order ``(ways, shots + queries)`` and the family of one episode."""
         family = -1
         if self.families is None:
             classes = rng.choice(self.num_classes, self.ways, replace=False)  # (ways,)
@@ -97,10 +105,16 @@ class EpisodeSampler:
             family, classes = int(self.family_ids[pick]), rng.choice(self.members[pick], self.ways, replace=False)
         # an independent permutation of the samples of each chosen class; first K support, next Q query
         order = rng.random((self.ways, self.images.shape[1])).argsort(axis=1)[:, : self.shots + self.queries]
+        return classes, order, family
+
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        classes, order, family = self._indices(rng)
         return self.images[classes[:, None], order], family  # (ways, shots + queries, C, H, W), family index
 
     def episode(self, rngs: list[np.random.Generator]) -> Episode:
-        """One meta-batch; ``rngs[b]`` draws episode ``b``."""
+        """One meta-batch; ``rngs[b]`` draws episode ``b`` (gathered on the device after :meth:`to_device`)."""
+        if getattr(self, "device_images", None) is not None:
+            return self._device_episode(rngs)
         draws = [self._draw(rng) for rng in rngs]
         x = np.stack([d[0] for d in draws])  # (B, ways, K + Q, C, H, W)
         b, k = len(rngs), self.shots
@@ -109,6 +123,19 @@ class EpisodeSampler:
         query = torch.from_numpy(np.ascontiguousarray(x[:, :, k:]).reshape(b, -1, *shape))
         family = None if self.families is None else torch.tensor([d[1] for d in draws])
         return Episode(support, self._support_y[:b], query, self._query_y[:b], self.ways, family)
+
+    def _device_episode(self, rngs: list[np.random.Generator]) -> Episode:
+        draws = [self._indices(rng) for rng in rngs]
+        device = self.device_images.device
+        classes = torch.from_numpy(np.stack([d[0] for d in draws])).to(device)  # (B, ways)
+        order = torch.from_numpy(np.stack([d[1] for d in draws])).to(device)  # (B, ways, K + Q)
+        x = self.device_images[classes[:, :, None], order]  # (B, ways, K + Q, C, H, W)
+        b, k = len(rngs), self.shots
+        shape = x.shape[3:]
+        support, query = x[:, :, :k].reshape(b, -1, *shape), x[:, :, k:].reshape(b, -1, *shape)
+        family = None if self.families is None else torch.tensor([d[2] for d in draws], device=device)
+        return Episode(support, self._support_y[:b].to(device), query, self._query_y[:b].to(device), self.ways,
+                       family)
 
 
 def episode_rng(seed: int, stream: str, rank: int, index: int) -> np.random.Generator:

@@ -121,3 +121,20 @@ def test_sampler_throughput_smoke():
     stream = iter(EpisodeStream(sampler, seed=0))
     for _ in range(200):
         next(stream)
+
+
+def test_episodes_drawn_on_the_device_are_the_host_samplers():
+    """`to_device`: the images stay on the device and only indices cross; the same generators give exactly the
+    same episodes (and families) as the host path."""
+    from lightning_mtl.datamodules.episodes import EpisodeSampler, episode_rng
+
+    images = np.random.default_rng(0).integers(0, 256, (12, 6, 1, 5, 5), dtype=np.uint8)
+    for families in (None, np.repeat(np.arange(3), 4)):
+        host = EpisodeSampler(images, 3, 2, 1, 4, families=families)
+        device = EpisodeSampler(images, 3, 2, 1, 4, families=families).to_device("cpu")
+        for index in range(3):
+            a = host.episode([episode_rng(0, "train", 0, index * 4 + i) for i in range(4)])
+            b = device.episode([episode_rng(0, "train", 0, index * 4 + i) for i in range(4)])
+            for x, y in zip(a[:4], b[:4], strict=True):
+                assert torch.equal(x, y)
+            assert (a.family is None and b.family is None) or torch.equal(a.family, b.family)

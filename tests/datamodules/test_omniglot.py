@@ -201,3 +201,32 @@ def test_extracted_folders_match_archives(fake_root, tmp_path):
     from_dirs.setup()
     for stage in ("train", "val", "test"):
         np.testing.assert_array_equal(from_zip.samplers[stage].images, from_dirs.samplers[stage].images)
+
+
+def test_episodes_on_the_device_train_and_equal_the_host_stream(omniglot_root, cache_dir):
+    """`episodes_on_device` through a Trainer (the CPU is the device here): the training and validation episodes are
+    those of the host stream, and a model trains on them."""
+    import lightning as L
+    import torch
+    from torch import nn
+
+    from lightning_mtl.meta import ProtoNet
+
+    def data(on_device: bool) -> OmniglotEpisodes:
+        dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, meta_batch_size=2,
+                              val_episodes=4, eval_meta_batch_size=2)
+        dm.episodes_on_device = on_device
+        return dm
+
+    host, device = data(False), data(True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ProtoNet(backbone=nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten())), datamodule=device)
+    assert all(getattr(s, "device_images", None) is not None for s in device.samplers.values())
+    host.prepare_data()
+    host.setup("fit")
+    for a, b in zip(host.train_dataloader(), device.train_dataloader(), strict=False):
+        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4], strict=True))
+        break
+    for a, b in zip(host.val_dataloader(), device.val_dataloader(), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4], strict=True))
