@@ -527,8 +527,8 @@ class RecipeCLI(LightningCLI):
         params = inspect.signature(model_cls.__init__).parameters
         args = data.get("init_args") or {}
         args = args.as_dict() if hasattr(args, "as_dict") else dict(args)
-        episodes = args.get("episodes") or {}
-        settings = {**{k: v for k, v in episodes.items()}, **args} if isinstance(episodes, dict) else args
+        episodes = args.get("episodes") or {}  # a typed EpisodeSettings group, or flat arguments
+        settings = {**episodes, **args} if isinstance(episodes, dict) else args
         values = {}
         if "ways" in params and settings.get("train_mode", "episodes") == "episodes":
             values["ways"] = settings.get("train_ways", _default(data_cls, "train_ways"))
