@@ -36,9 +36,13 @@ def test_per_task_error_and_accuracy_figures():
 
 
 def test_callback_logs_heatmaps_and_test_figures_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
     from lightning_mtl.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
+    if wandb.run is not None:  # a run another test left open would be reused, with its own folder
+        wandb.finish()
     logger = WandbLogger(project="lightning-mtl-test", save_dir=str(tmp_path))
     model = make_model("equal", diagnostics_every=1)
     batches = global_batches(2)
