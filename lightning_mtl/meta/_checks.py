@@ -1,8 +1,16 @@
-"""Shape checks of episodes shared by the metric-based meta-learners (no device synchronisation)."""
+"""Helpers shared by the meta-learners: episode shape checks (no device synchronisation) and class one-hots."""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from lightning_mtl.batches import Episode
+
+
+def class_one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
+    """``(..., ways)`` one-hot encoding of episode labels in ``0 .. ways - 1``, in ``dtype``."""
+    return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
 
 
 def check_episode(episode: Episode, method: str, min_ways: int = 2) -> None:

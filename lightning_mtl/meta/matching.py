@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta._checks import class_one_hot
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
@@ -55,7 +56,7 @@ def matching_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: 
     """
     cos = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # (B, Q, S)
     attention = (scale * cos).softmax(-1)
-    onehot = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device)).to(attention.dtype)  # (B, S, W)
+    onehot = class_one_hot(support_y, ways, attention.dtype)  # (B, S, W)
     return (attention @ onehot).clamp_min(PROB_FLOOR).log()
 
 

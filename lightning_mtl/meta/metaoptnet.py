@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta._checks import class_one_hot
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.meta.qp import solve_qp
 from lightning_mtl.mtl.balancing import BalancerCallable
@@ -68,7 +69,7 @@ def svm_dual_coefficients(
     """
     b, n, _ = support.shape
     eye_w = torch.eye(ways, dtype=support.dtype, device=support.device)
-    y = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(support.dtype).flatten(1)  # (B, S*W)
+    y = class_one_hot(labels, ways, support.dtype).flatten(1)  # (B, S*W)
     kernel = support @ support.transpose(1, 2)  # (B, S, S)
     # Q[(i, k), (j, l)] = K_ij delta_kl: the Kronecker product K (x) I_ways, plus the ridge
     q = (kernel[:, :, None, :, None] * eye_w[:, None, :]).reshape(b, n * ways, n * ways)
@@ -181,6 +182,6 @@ class MetaOptNet(EpisodicModule):
         eps, ways = self.hparams.label_smoothing, logits.shape[-1]
         if not self.training or eps == 0:
             return super().episode_loss(logits, query_y)
-        onehot = (query_y.unsqueeze(-1) == torch.arange(ways, device=query_y.device)).float()
+        onehot = class_one_hot(query_y, ways, torch.float32)
         target = onehot * (1 - eps) + (1 - onehot) * eps / (ways - 1)
         return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean()

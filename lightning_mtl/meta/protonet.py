@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta._checks import class_one_hot
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
@@ -22,7 +23,7 @@ from lightning_mtl.nn import Conv4
 def prototypes(support: Tensor, labels: Tensor, ways: int) -> Tensor:
     """Class means ``(B, ways, D)`` of ``support`` ``(B, S, D)`` with ``labels`` ``(B, S)`` in ``0 .. ways - 1``."""
     # a comparison instead of F.one_hot, whose bounds check synchronises the device every step
-    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(support.dtype)  # (B, S, ways)
+    onehot = class_one_hot(labels, ways, support.dtype)  # (B, S, ways)
     return onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)
 
 

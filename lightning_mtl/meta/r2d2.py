@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta._checks import class_one_hot
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
@@ -37,7 +38,7 @@ def ridge_logits(support: Tensor, labels: Tensor, query: Tensor, ways: int, lam:
     ones = support.new_ones(*support.shape[:-1], 1)
     x = torch.cat([support, ones], -1)  # (B, S, D + 1)
     xq = torch.cat([query, query.new_ones(*query.shape[:-1], 1)], -1)  # (B, Q, D + 1)
-    y = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(x.dtype)  # (B, S, ways)
+    y = class_one_hot(labels, ways, x.dtype)  # (B, S, ways)
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     gram = x @ x.transpose(1, 2) + lam * eye  # (B, S, S): Woodbury keeps the solve at the support size
     w = x.transpose(1, 2) @ torch.linalg.solve(gram, y)  # (B, D + 1, ways)

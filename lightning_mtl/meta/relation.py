@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta._checks import class_one_hot
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn.probe import probe
@@ -57,7 +58,7 @@ class RelationEmbedding(nn.Sequential):
 
 def class_features(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
     """Per-class sums ``(B, ways, C, h, w)`` of support ``maps`` ``(B, S, C, h, w)`` with ``labels`` ``(B, S)``."""
-    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(maps.dtype)  # (B, S, ways)
+    onehot = class_one_hot(labels, ways, maps.dtype)  # (B, S, ways)
     return (onehot.transpose(1, 2) @ maps.flatten(2)).view(labels.shape[0], ways, *maps.shape[2:])
 
 
@@ -144,5 +145,5 @@ class RelationNetwork(EpisodicModule):
 
     def episode_loss(self, logits: Tensor, query_y: Tensor) -> Tensor:
         """Mean squared error between the relation scores and the one-hot query labels (the paper's loss)."""
-        onehot = (query_y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=query_y.device)).to(torch.float32)
+        onehot = class_one_hot(query_y, logits.shape[-1], torch.float32)
         return F.mse_loss(logits.float(), onehot)

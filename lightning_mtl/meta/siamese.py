@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.batches import Episode
 from lightning_mtl.checkpointing import save_hyperparameters
+from lightning_mtl.meta._checks import class_one_hot
 from lightning_mtl.meta.base import EpisodicModule
 from lightning_mtl.mtl.balancing import BalancerCallable
 from lightning_mtl.nn import Conv4
@@ -147,7 +148,7 @@ class SiameseNetwork(EpisodicModule):
 
     def episode_loss(self, logits: Tensor, query_y: Tensor) -> Tensor:
         """BCE of the per-class maximal scores against the one-hot labels (evaluation loss)."""
-        onehot = (query_y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=query_y.device)).to(torch.float32)
+        onehot = class_one_hot(query_y, logits.shape[-1], torch.float32)
         return F.binary_cross_entropy_with_logits(logits.float(), onehot)
 
     def episode_losses(self, episode: Episode, stage: str) -> tuple[Tensor, Tensor]:
