@@ -113,6 +113,14 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         # the default dtype is the model's under Lightning's "*-true" precisions (float32 otherwise)
         return x.to(torch.get_default_dtype()).div_(255) if x.dtype == torch.uint8 else x
 
+    def embed_episode(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        """Support and query embeddings ``(B, ways * shots, *F)`` and ``(B, ways * queries, *F)`` of a meta-batch from
+        one forward pass of ``self`` over all its images (so BatchNorm sees support and query together, as in the
+        papers' code); ``*F`` is whatever the embedding's output shape is (a vector, a feature map)."""
+        b, n_support = episode.support_y.shape
+        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
+        return z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(0, (b, -1))
+
     def validate_episode(self, episode: Episode) -> None:
         """Refuse, with a message that names the fix, what is not a well-formed meta-batch of episodes (shapes only:
         no device synchronisation); every learner's episodes pass here before the method sees them.

@@ -142,10 +142,7 @@ class MatchingNetwork(EpisodicModule):
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         """log P(y | x, S) ``(B, ways * queries, ways)`` of the queries; see the module docstring."""
-        b, n_support = episode.support_y.shape
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
-        support, query = z[: b * n_support].view(b, n_support, -1).float(), z[b * n_support :].view(b, -1, z.shape[-1])
-        query = query.float()
+        support, query = (z.float() for z in self.embed_episode(episode))
         if self.fce is not None:
             query, support = self.fce(query, support)
         return matching_log_probs(query, support, episode.support_y, episode.ways, self.hparams.cosine_scale)

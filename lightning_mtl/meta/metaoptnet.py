@@ -167,12 +167,10 @@ class MetaOptNet(EpisodicModule):
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         hp = self.hparams
-        b, n_support = episode.support_y.shape
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
-        support, query = z[: b * n_support].view(b, n_support, -1), z[b * n_support :].view(b, -1, z.shape[-1])
+        support, query = self.embed_episode(episode)
         iters = hp.test_solver_iters if stage == "test" and hp.test_solver_iters is not None else hp.solver_iters
         # float64 outside autocast: the interior point method drives lam / s over ~20 orders of magnitude
-        with torch.autocast(z.device.type, enabled=False):
+        with torch.autocast(support.device.type, enabled=False):
             scores = svm_logits(support.double(), episode.support_y, query.double(), episode.ways, hp.C,
                                 hp.kernel_ridge, iters, hp.solver_tol)
         return self.scale * scores.float()

@@ -188,14 +188,12 @@ class EmbeddingBaseline(EpisodicModule):
         return loss
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
-        b, n_support = episode.support_y.shape
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)])).float()
+        support, query = (z.float() for z in self.embed_episode(episode))
         if self.hparams.normalize:
-            z = F.normalize(z, dim=-1)
-        support, query = z[: b * n_support].view(b, n_support, -1), z[b * n_support :].view(b, -1, z.shape[-1])
+            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
         hp = self.hparams
         # the classifier runs in float32 even under mixed precision: its matmuls are tiny, bf16 would cost accuracy
-        with torch.autocast(z.device.type, enabled=False):
+        with torch.autocast(support.device.type, enabled=False):
             if hp.classifier == "logistic":
                 return logistic_regression_logits(support, episode.support_y, query, episode.ways, hp.logistic_c,
                                                   hp.logistic_steps)

@@ -8,7 +8,6 @@ gets logits -||f(x) - c_k||^2 (squared Euclidean distance), trained with cross-e
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -64,9 +63,6 @@ class ProtoNet(EpisodicModule):
         return self.backbone(self.images(x)).flatten(1)
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
-        b, n_support = episode.support_y.shape
-        # one forward over support and query images of the whole meta-batch, as in the paper's code
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
-        support, query = z[: b * n_support].view(b, n_support, -1), z[b * n_support :].view(b, -1, z.shape[-1])
+        support, query = self.embed_episode(episode)
         protos = prototypes(support.float(), episode.support_y, episode.ways)
         return squared_euclidean_logits(query.float(), protos)

@@ -87,10 +87,8 @@ class R2D2(EpisodicModule):
         return self.backbone(self.images(x)).flatten(1)
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
-        b, n_support = episode.support_y.shape
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)])).float()
-        support, query = z[: b * n_support].view(b, n_support, -1), z[b * n_support :].view(b, -1, z.shape[-1])
+        support, query = (z.float() for z in self.embed_episode(episode))
         # the solve runs in float32 even under bf16 autocast: a bf16 Gram matrix is too coarse to invert
-        with torch.autocast(z.device.type, enabled=False):
+        with torch.autocast(support.device.type, enabled=False):
             logits = ridge_logits(support, episode.support_y, query, episode.ways, self.log_lambda.exp())
         return self.scale * logits + self.bias

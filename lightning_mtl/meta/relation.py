@@ -137,9 +137,7 @@ class RelationNetwork(EpisodicModule):
 
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         """Relation scores ``(B, ways * queries, ways)`` in (0, 1) of the queries against the classes."""
-        b, n_support = episode.support_y.shape
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))  # (N, C, h, w)
-        support, query = z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(0, (b, -1))
+        support, query = self.embed_episode(episode)  # (B, S, C, h, w), (B, Q, C, h, w)
         classes = class_features(support, episode.support_y, episode.ways)
         return self.relation_scores(classes, query).float()
 

@@ -127,9 +127,7 @@ class SiameseNetwork(EpisodicModule):
 
     def pair_scores(self, episode: Episode) -> Tensor:
         """Scores s ``(B, Q, S)`` of every query x support pair of the meta-batch."""
-        b, n_support = episode.support_y.shape
-        z = self(torch.cat([episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)]))
-        support, query = z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(0, (b, -1))
+        support, query = self.embed_episode(episode)
         dtype = self.head.weight.dtype  # float32, but the model's dtype under Lightning's "*-true" precisions
         return self.similarity(query.unsqueeze(2).to(dtype), support.unsqueeze(1).to(dtype))
 

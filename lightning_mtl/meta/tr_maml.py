@@ -48,15 +48,18 @@ def family_weighted_loss(weights: Tensor, families: Tensor, losses: Tensor) -> T
     return (weights.detach()[families] * weights.numel() * losses).mean()
 
 
-def family_ascent(weights: Tensor, families: Tensor, losses: Tensor, lr: float, episodes: int | None = None) -> Tensor:
+def family_ascent(weights: Tensor, families: Tensor, losses: Tensor, lr: float) -> Tensor:
     """The projected ascent step on the family weights: ``Proj(p + lr (m / B) sum_i L_i e_{f_i})``.
 
-    ``episodes`` is ``B``, the size of the meta-batch the per-family sums come from (default ``len(losses)``); under
-    DDP the caller sums the per-family losses over processes and passes the global ``B``.
+    Under DDP the per-family loss sums and ``B`` are those of the global meta-batch (one all-reduce), so that every
+    rank takes the same step and keeps the same weights; in one process this is the local meta-batch.
     """
     m = weights.numel()
-    sums = torch.zeros_like(weights).index_add_(0, families, losses.detach().to(weights.dtype))
-    return project_to_simplex(weights + lr * m * sums / (episodes or losses.numel()))
+    sums = torch.zeros(m + 1, dtype=weights.dtype, device=weights.device)  # per-family sums, then B
+    sums[:m].index_add_(0, families, losses.detach().to(weights.dtype))
+    sums[m] = losses.numel()
+    G.all_reduce_(sums, op="sum")
+    return project_to_simplex(weights + lr * m * sums[:m] / sums[m])
 
 
 class TRMAML(MAML):
@@ -126,24 +129,24 @@ class TRMAML(MAML):
         self.family_weights = torch.full((families,), 1.0 / families, device=self.device)
         self.hparams["families"] = families  # so that checkpoints rebuild the buffer at load time
 
+    def on_fit_start(self) -> None:
+        """Refuse, before the first step, training data whose families the weights do not cover."""
+        super().on_fit_start()
+        sampler = getattr(getattr(self.trainer, "datamodule", None), "samplers", {}).get("train")
+        families = getattr(sampler, "num_families", None)
+        if families is not None and families > self.family_weights.numel():
+            raise ValueError(f"the training data has {families} task families but the model weighs "
+                             f"{self.family_weights.numel()}; set model families to {families} (or leave it unset).")
+
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
         self.validate_episode(episode)
         if episode.family is None:
             raise ValueError("TRMAML trains on episodes labelled with their family; set --data.family_episodes true.")
-        if self.family_weights is None or int(episode.family.max()) >= self.family_weights.numel():
-            raise ValueError(f"episode family {int(episode.family.max())} is outside the model's "
-                             f"{0 if self.family_weights is None else self.family_weights.numel()} families; set "
-                             f"model families to the data's number of training families.")
         losses, accs = self.episode_losses(episode, "train")
         loss = family_weighted_loss(self.family_weights, episode.family, losses)
-        sums = torch.zeros_like(self.family_weights).index_add_(0, episode.family, losses.detach().float())
-        episodes = torch.tensor(float(losses.numel()), device=sums.device)
-        G.all_reduce_(sums, op="sum")  # the global meta-batch's per-family losses: the same weights on every rank
-        G.all_reduce_(episodes, op="sum")
         with torch.no_grad():
-            m = self.family_weights.numel()
-            self.family_weights.copy_(project_to_simplex(self.family_weights + self.hparams.family_lr * m * sums
-                                                         / episodes))
+            self.family_weights.copy_(family_ascent(self.family_weights, episode.family, losses,
+                                                    self.hparams.family_lr))
         if self.logs_this_step():
             b = episode.meta_batch_size
             self.log("train/loss", loss, prog_bar=True, batch_size=b)

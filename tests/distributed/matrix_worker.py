@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mtl import Episode
 from lightning_mtl.cli import end_distributed
-from lightning_mtl.meta import MAML, ProtoNet, Reptile
+from lightning_mtl.meta import MAML, TRMAML, ProtoNet, Reptile
 from lightning_mtl.nn import Conv4
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "mtl"))
@@ -29,11 +29,12 @@ from toy import global_batches, make_model, rank_slice  # noqa: E402
 
 STEPS, WAYS, SHOTS, QUERIES, META_BATCH = 3, 3, 1, 2, 2
 FAMILIES = ("protonet", "maml", "reptile", "reptile_carried", "mtl_uncertainty", "mtl_upgrad", "protonet_pcgrad",
-            "maml_upgrad", "reptile_mgda")
+            "maml_upgrad", "reptile_mgda", "tr_maml")
 
 
-def episodes(seed: int = 0) -> list[Episode]:
-    """``STEPS`` global meta-batches of ``META_BATCH`` random 28x28 uint8 episodes."""
+def episodes(seed: int = 0, families: bool = False) -> list[Episode]:
+    """``STEPS`` global meta-batches of ``META_BATCH`` random 28x28 uint8 episodes (``families``: labelled with task
+    families that differ between the halves of a meta-batch, so that DDP ranks see different families)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(STEPS):
@@ -41,13 +42,15 @@ def episodes(seed: int = 0) -> list[Episode]:
             return torch.randint(0, 256, (META_BATCH, n, 1, 28, 28), generator=g, dtype=torch.uint8)
 
         labels = lambda n: torch.arange(WAYS).repeat_interleave(n).expand(META_BATCH, -1).clone()  # noqa: E731
-        out.append(Episode(images(WAYS * SHOTS), labels(SHOTS), images(WAYS * QUERIES), labels(QUERIES), WAYS))
+        family = torch.arange(META_BATCH) % 2 if families else None
+        out.append(Episode(images(WAYS * SHOTS), labels(SHOTS), images(WAYS * QUERIES), labels(QUERIES), WAYS, family))
     return out
 
 
 def episode_slice(e: Episode, rank: int, world: int) -> Episode:
     n = e.meta_batch_size // world
-    return Episode(*(t[rank * n: (rank + 1) * n] for t in e[:4]), e.ways)
+    family = None if e.family is None else e.family[rank * n: (rank + 1) * n]
+    return Episode(*(t[rank * n: (rank + 1) * n] for t in e[:4]), e.ways, family)
 
 
 def build(family: str) -> L.LightningModule:
@@ -66,6 +69,9 @@ def build(family: str) -> L.LightningModule:
     if family == "maml":  # episodes adapted one by one: transductive BatchNorm per episode is rank-independent
         return MAML(ways=WAYS, backbone=Conv4(hidden_channels=8, out_channels=8, track_running_stats=False),
                     inner_steps=1, optimizer=sgd)
+    if family == "tr_maml":  # family weights from the global meta-batch's losses: the same on every rank
+        return TRMAML(ways=WAYS, backbone=Conv4(hidden_channels=8, out_channels=8, track_running_stats=False),
+                      families=2, family_lr=0.5, inner_steps=1, optimizer=sgd)
     if family == "reptile":  # whole-task inner batches: no random mini-batch order to differ between ranks
         return Reptile(ways=WAYS, backbone=Conv4(hidden_channels=8, out_channels=8, track_running_stats=False),
                        inner_optimizer="sgd", inner_lr=0.05, inner_steps=2, inner_batch_size=None, outer_lr=0.5)
@@ -87,7 +93,7 @@ class Slices(L.LightningDataModule):
         if self.family.startswith("mtl_"):
             batches = [rank_slice(b, rank, world) for b in global_batches(STEPS)]
         else:
-            batches = [episode_slice(e, rank, world) for e in episodes()]
+            batches = [episode_slice(e, rank, world) for e in episodes(families=self.family == "tr_maml")]
         return DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
 

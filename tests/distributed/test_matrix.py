@@ -5,7 +5,7 @@ Documented equivalences (README, Guarantees):
 * fp32: two DDP processes, each on its half of every global batch, end with the parameters of one process on the
   whole batches (within 1e-5; measured <= 1e-6) for ProtoNet, second-order MAML, Reptile, multi-task loss
   weighting and gradient aggregation, and outer-loop balancing of the meta-batch (ProtoNet + PCGrad, MAML + UPGrad,
-  Reptile + MGDA).
+  Reptile + MGDA), and TR-MAML, whose family weights (a buffer) follow the global meta-batch's losses.
 * bf16-mixed: the same first update up to bf16 rounding (within 10% of the update's largest entry; measured <= 5%).
   One process accumulates the gradients of several episodes into autocast's bf16 weight copies, DDP averages fp32
   gradients, and the order of examples in a batch differs, so bit equality is not expected.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(WORKER.parent))
 import matrix_worker  # noqa: E402
 
 FAMILIES = ("protonet", "maml", "reptile", "mtl_uncertainty", "mtl_upgrad", "protonet_pcgrad", "maml_upgrad",
-            "reptile_mgda")
+            "reptile_mgda", "tr_maml")
 RUNS = [(1, "32"), (2, "32"), (1, "bf16-mixed"), (2, "bf16-mixed")]
 
 

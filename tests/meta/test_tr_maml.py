@@ -86,3 +86,15 @@ def test_trmaml_needs_family_episodes():
         TRMAML(families=1)
     with pytest.raises(ValueError, match="drop meta_balancer"):
         TRMAML(meta_balancer="pcgrad")
+
+
+def test_trmaml_refuses_data_with_more_families_than_weights_before_training(omniglot_root, cache_dir):
+    from lightning_mtl.datamodules import OmniglotEpisodes
+
+    data = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, family_episodes=True)
+    model = TRMAML(families=2, backbone=nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Flatten()))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="33 task families but the model weighs 2; set model families to 33"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0
