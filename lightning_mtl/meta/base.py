@@ -194,6 +194,15 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
                               for i in range(episode.meta_batch_size)])
         return losses, (logits.argmax(-1) == episode.query_y).float().mean(1)
 
+    def episode_loss_terms(self, episode: Episode, stage: str) -> tuple[list[Tensor], Tensor]:
+        """The per-episode losses as ``B`` scalars, and the accuracies ``(B,)``: what outer-loop balancing
+        differentiates episode by episode. The default unbinds :meth:`episode_losses` (episodes that share one forward
+        pass share its backward too, so each episode's gradient costs a whole meta-batch's backward); a method that
+        computes its episodes apart returns losses whose graphs do not meet (the gradient-based learners), so that
+        each episode's gradient costs one episode's backward."""
+        losses, accs = self.episode_losses(episode, stage)
+        return list(losses.unbind()), accs
+
     def aggregate_outer(self, rows: Tensor, losses: Tensor | None = None) -> Tensor:
         """The update direction of this process's ``(B, P)`` per-episode outer gradients: the rows of every process
         (rank order) aggregated by :attr:`meta_balancer`, identical on every rank; diagnostics when due."""
@@ -224,14 +233,15 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
         """One training step whose update is :meth:`aggregate_outer` of the per-episode outer gradients: returns a
         surrogate loss whose gradient is that update (Lightning then does the backward pass, scaling and step)."""
         self.validate_episode(episode)
-        losses, accs = self.episode_losses(episode, "train")
+        terms, accs = self.episode_loss_terms(episode, "train")
         params = [p for p in self.parameters() if p.requires_grad]
         rows = []
-        for i in range(losses.shape[0]):
-            grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < losses.shape[0], allow_unused=True)
+        for i, term in enumerate(terms):
+            grads = torch.autograd.grad(term, params, retain_graph=i + 1 < len(terms), allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                    for g, p in zip(grads, params, strict=True)]))
-        direction = self.aggregate_outer(torch.stack(rows), losses.detach())
+        losses = torch.stack([term.detach() for term in terms])
+        direction = self.aggregate_outer(torch.stack(rows), losses)
         offsets = torch.tensor([0, *(p.numel() for p in params)]).cumsum(0).tolist()
         surrogate = sum((p * direction[a:b].view_as(p).to(p.dtype)).sum()
                         for p, a, b in zip(params, offsets[:-1], offsets[1:], strict=True))

@@ -269,6 +269,17 @@ class GradientLearner(EpisodicModule):
         sx, qx = self.images(episode.support_x), self.images(episode.query_x)
         return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0), randomness="same")(start, sx, episode.support_y, qx)
 
+    def episode_loss_terms(self, episode: Episode, stage: str) -> tuple[list[Tensor], Tensor]:
+        """Per-task losses from tasks adapted one by one (graphs that do not meet, so outer-loop balancing pays one
+        task's backward per task gradient, not the meta-batch's); see :meth:`EpisodicModule.episode_loss_terms`."""
+        self.check_shapes(episode)
+        if self._vectorized(episode.support_x, stage):  # one vmapped computation: its graph is shared anyway
+            return super().episode_loss_terms(episode, stage)
+        logits = [self.task_logits(episode, i, stage) for i in range(episode.meta_batch_size)]
+        terms = [self.episode_loss(z[None], episode.query_y[i : i + 1]) for i, z in enumerate(logits)]
+        accs = torch.stack([(z.argmax(-1) == episode.query_y[i]).float().mean() for i, z in enumerate(logits)])
+        return terms, accs
+
     def episode_logits(self, episode: Episode, stage: str) -> Tensor:
         self.check_shapes(episode)
         vectorized = self._vectorized(episode.support_x, stage)
