@@ -8,14 +8,18 @@
 :class:`~lightning_mtl.batches.LabelledBatch` batches of all the training images labelled by training class
 (:class:`ClassBatches`; pre-training as in Tian et al., ECCV 2020, arXiv:2003.11539) while validation and test stay
 the same fixed episodes.
+
+Every one of them takes its episode settings as one typed group, :class:`EpisodeSettings` (``episodes=`` in Python,
+``--data.episodes.*`` on the command line, ``episodes:`` under ``init_args`` in YAML), documented there only; their
+own arguments are those of their dataset.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import lightning as L
@@ -34,8 +38,10 @@ CLASS_STREAM = 3
 
 @dataclass(frozen=True)
 class EpisodeSettings:
-    """Episode shapes, counts and seeds of an :class:`EpisodicImages` datamodule (one typed group:
-    ``--data.episodes.*``).
+    """Episode shapes, counts and seeds of an :class:`EpisodicImages` datamodule (every built-in one and a user's
+    own): one typed group, ``episodes=EpisodeSettings(...)`` in Python, ``--data.episodes.train_ways 5`` on the
+    command line, ``episodes: {train_ways: 5}`` under the datamodule's ``init_args`` in YAML (fields left out keep
+    their defaults). This is the one place these settings are documented.
 
     ``train_mode="classes"`` replaces the training episodes by :class:`ClassBatches` of ``train_batch_size`` images
     (``train_ways``, ``train_shots``, ``train_queries`` and ``meta_batch_size`` are then unused, and training classes
@@ -83,6 +89,26 @@ class EpisodeSettings:
             raise ValueError(f"train_mode must be 'episodes' or 'classes', got {self.train_mode!r}")
         if self.train_batch_size < 1:
             raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}")
+
+    @classmethod
+    def of(cls, value: EpisodeSettings | Mapping | None) -> EpisodeSettings:
+        """``value`` as settings: ``None`` gives the defaults, a mapping (the ``episodes`` entry of saved
+        hyper-parameters, a YAML group) its fields over the defaults.
+
+        Raises:
+            TypeError: ``value`` is none of these, or a mapping names a field that does not exist.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise TypeError(f"episodes: unknown setting(s) {', '.join(unknown)}; the settings are "
+                                f"{', '.join(f.name for f in fields(cls))}.")
+            return cls(**value)
+        raise TypeError(f"episodes must be an EpisodeSettings (or a mapping of its fields), got {type(value).__name__}")
 
     def shape(self, stage: str) -> tuple[int, int, int, int]:
         """``(ways, shots, queries, meta_batch_size)`` of ``stage``."""
@@ -206,16 +232,30 @@ class EpisodicImages(L.LightningDataModule):
     ``recipes/fewshot.py`` runs it like ours (``data: {class_path: my_module.MyGlyphs, init_args: {root: ...,
     episodes: {train_ways: 5, eval_ways: 5}}}``).
 
+    A subclass that calls ``self.save_hyperparameters()`` records ``episodes`` as a plain dict of every field (see
+    :meth:`save_hyperparameters`).
+
     Args:
-        episodes: episode shapes, counts and seeds.
+        episodes: episode shapes, counts and seeds (:class:`EpisodeSettings`; ``None``: its defaults).
     """
 
-    def __init__(self, episodes: EpisodeSettings) -> None:
+    def __init__(self, episodes: EpisodeSettings | None = None) -> None:
         super().__init__()
-        self.episodes = episodes
+        self.episodes = episodes = EpisodeSettings.of(episodes)
         self.episodes_on_device = episodes.on_device
         self.samplers: dict[str, EpisodeSampler] = {}
         self._resume_at: dict[str, int] = {}
+
+    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
+        """Lightning's ``save_hyperparameters``, with the ``episodes`` group recorded as a plain dict of all its
+        fields, the settings in use (also where ``episodes`` was left ``None``): checkpoints hold only plain values,
+        loadable with ``weights_only=True``, loggers see every setting, and ``load_from_checkpoint`` rebuilds the
+        same settings (:meth:`EpisodeSettings.of`)."""
+        frame = frame or inspect.currentframe().f_back
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        for hparams in (self._hparams, getattr(self, "_hparams_initial", None)):
+            if hparams is not None and "episodes" in hparams and not isinstance(hparams["episodes"], dict):
+                hparams["episodes"] = asdict(self.episodes)
 
     @classmethod
     def image_shape_for(cls, init_args: dict) -> tuple[int, int, int] | None:

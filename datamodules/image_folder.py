@@ -144,23 +144,7 @@ class ImageFolderEpisodes(EpisodicImages):
         channels: 3 (RGB) or 1 (grayscale).
         cache_dir: writable directory for the decoded cache; ``None`` → ``$LIGHTNING_MTL_CACHE`` →
             ``~/.cache/lightning_mtl``.
-        train_ways: classes per training episode.
-        train_shots: support examples per class in training episodes.
-        train_queries: query examples per class in training episodes.
-        eval_ways: classes per validation / test episode.
-        eval_shots: support examples per class in validation / test episodes.
-        eval_queries: query examples per class in validation / test episodes.
-        meta_batch_size: training episodes per step.
-        eval_meta_batch_size: evaluation episodes per batch (affects speed only, never the episodes).
-        val_episodes: size of the fixed validation set.
-        test_episodes: size of the fixed test set.
-        seed: seed of the training episode streams.
-        eval_seed: seed of the fixed validation and test sets; keep it fixed to compare models.
-        num_workers: dataloader worker processes.
-        train_mode: ``"episodes"`` (meta-training) or ``"classes"``: batches of ``train_batch_size`` training
-            images labelled by class among all training classes (pre-training; validation and test stay
-            episodes).
-        train_batch_size: images per training batch and process under ``train_mode="classes"``.
+        episodes: shapes, counts and seeds of the episodes: see :class:`~lightning_mtl.datamodules.EpisodeSettings`.
     """
 
     @classmethod
@@ -182,27 +166,9 @@ class ImageFolderEpisodes(EpisodicImages):
         image_size: int = 84,
         channels: Literal[1, 3] = 3,
         cache_dir: str | None = None,
-        train_ways: int = 5,
-        train_shots: int = 1,
-        train_queries: int = 15,
-        eval_ways: int = 5,
-        eval_shots: int = 1,
-        eval_queries: int = 15,
-        meta_batch_size: int = 1,
-        eval_meta_batch_size: int = 16,
-        val_episodes: int = 600,
-        test_episodes: int = 1000,
-        seed: int = 0,
-        eval_seed: int = 0,
-        num_workers: int = 0,
-        train_mode: Literal["episodes", "classes"] = "episodes",
-        train_batch_size: int = 64,
+        episodes: EpisodeSettings | None = None,
     ) -> None:
-        super().__init__(EpisodeSettings(
-            train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, train_mode,
-            train_batch_size,
-        ))
+        super().__init__(episodes)
         if layout not in ("auto", "class_folders", "tiny_imagenet"):
             raise ValueError(f"layout must be 'auto', 'class_folders' or 'tiny_imagenet', got {layout!r}")
         if image_size <= 0:

@@ -88,7 +88,7 @@ class MultiDomainEpisodes(EpisodicImages):
         names: one name per domain, for the logged metrics (``val/<name>/acc``); default ``domain0``, ``domain1``...
         image_size: side of the square images every domain is brought to.
         channels: 1 (grey) or 3 (colour) channels for every domain.
-        episodes: episode shapes, counts and seeds (one typed group, ``--data.episodes.*``).
+        episodes: shapes, counts and seeds of the episodes: see :class:`~lightning_mtl.datamodules.EpisodeSettings`.
 
     Raises:
         ValueError: no domain, names that do not match the domains, a domain that is not an ``EpisodicImages``
@@ -103,7 +103,7 @@ class MultiDomainEpisodes(EpisodicImages):
         channels: Literal[1, 3] = 1,
         episodes: EpisodeSettings | None = None,
     ) -> None:
-        super().__init__(episodes or EpisodeSettings())
+        super().__init__(episodes)
         if not domains:
             raise ValueError("MultiDomainEpisodes needs at least one domain")
         if not all(isinstance(d, EpisodicImages) for d in domains):

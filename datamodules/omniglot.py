@@ -56,26 +56,10 @@ class OmniglotEpisodes(EpisodicImages):
         cache_dir: writable directory for the decoded cache; ``None`` → ``$LIGHTNING_MTL_CACHE`` →
             ``~/.cache/lightning_mtl``.
         download: fetch missing archives and split lists from their official URLs (checksums verified).
-        train_ways: classes per training episode.
-        train_shots: support examples per class in training episodes.
-        train_queries: query examples per class in training episodes.
-        eval_ways: classes per validation / test episode.
-        eval_shots: support examples per class in validation / test episodes.
-        eval_queries: query examples per class in validation / test episodes.
-        meta_batch_size: training episodes per step.
-        eval_meta_batch_size: evaluation episodes per batch (affects speed only, never the episodes).
-        val_episodes: size of the fixed validation set.
-        test_episodes: size of the fixed test set.
-        seed: seed of the training episode streams.
-        eval_seed: seed of the fixed validation and test sets; keep it fixed to compare models.
-        num_workers: dataloader worker processes.
-        train_mode: ``"episodes"`` (meta-training) or ``"classes"``: batches of ``train_batch_size`` training
-            images labelled by class among all training classes (pre-training; validation and test stay
-            episodes).
-        train_batch_size: images per training batch and process under ``train_mode="classes"``.
         family_episodes: draw every episode's classes from one alphabet (uniform over the alphabets with enough
             characters) and label the episode with it (``Episode.family``, the alphabet's index among the split's
             alphabets): the task families of TR-MAML and of per-alphabet evaluation (``val/worst_family_acc``).
+        episodes: shapes, counts and seeds of the episodes: see :class:`~lightning_mtl.datamodules.EpisodeSettings`.
     """
 
     @classmethod
@@ -91,41 +75,24 @@ class OmniglotEpisodes(EpisodicImages):
         image_size: int = 28,
         cache_dir: str | None = None,
         download: bool = True,
-        train_ways: int = 5,
-        train_shots: int = 1,
-        train_queries: int = 15,
-        eval_ways: int = 5,
-        eval_shots: int = 1,
-        eval_queries: int = 15,
-        meta_batch_size: int = 1,
-        eval_meta_batch_size: int = 16,
-        val_episodes: int = 600,
-        test_episodes: int = 1000,
-        seed: int = 0,
-        eval_seed: int = 0,
-        num_workers: int = 0,
-        train_mode: Literal["episodes", "classes"] = "episodes",
-        train_batch_size: int = 64,
         family_episodes: bool = False,
+        episodes: EpisodeSettings | None = None,
     ) -> None:
-        super().__init__(EpisodeSettings(
-            train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-            eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, train_mode,
-            train_batch_size,
-        ))
+        super().__init__(episodes)
         if protocol not in ("vinyals", "lake"):
             raise ValueError(f"protocol must be 'vinyals' or 'lake', got {protocol!r}")
         if train_split not in ("train", "trainval"):
             raise ValueError(f"train_split must be 'train' or 'trainval', got {train_split!r}")
         if image_size <= 0:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
-        shots_queries = (("train", train_shots, train_queries), ("eval", eval_shots, eval_queries))
-        for stage, shots, queries in shots_queries:
+        e = self.episodes
+        for stage, shots, queries in (("train", e.train_shots, e.train_queries),
+                                      ("eval", e.eval_shots, e.eval_queries)):
             if shots + queries > DRAWINGS_PER_CHARACTER:
                 raise ValueError(
-                    f"{stage}_shots + {stage}_queries = {shots} + {queries} = {shots + queries} exceeds the "
-                    f"{DRAWINGS_PER_CHARACTER} drawings of each Omniglot character; lower them to sum to at most "
-                    f"{DRAWINGS_PER_CHARACTER}."
+                    f"episodes.{stage}_shots + episodes.{stage}_queries = {shots} + {queries} = {shots + queries} "
+                    f"exceeds the {DRAWINGS_PER_CHARACTER} drawings of each Omniglot character; lower them to sum to "
+                    f"at most {DRAWINGS_PER_CHARACTER}."
                 )
         self.save_hyperparameters()
         self.root = resolve_data_root(root)

@@ -313,6 +313,59 @@ def explain_unknown_classes(text: str) -> str:
     return "\n".join(out)
 
 
+def _takes_episode_settings(class_path: str) -> bool:
+    """Whether the class named ``class_path`` takes an ``episodes`` argument of :class:`EpisodeSettings` (the
+    built-in episodic datamodules, a user's own :class:`~lightning_mtl.datamodules.EpisodicImages`)."""
+    try:
+        cls = _import(class_path)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    from lightning_mtl.datamodules import EpisodicImages
+
+    return isinstance(cls, type) and issubclass(cls, EpisodicImages) and "episodes" in inspect.signature(
+        cls.__init__).parameters
+
+
+def explain_moved_episode_settings(message: str, text: str) -> str:
+    """jsonargparse's "Option 'train_ways' is not accepted" for a setting of
+    :class:`~lightning_mtl.datamodules.EpisodeSettings` given flat to an episodic datamodule (an old config, or
+    ``--data.train_ways``) as one line saying where it moved: under ``episodes``.
+
+    Args:
+        message: jsonargparse's full report, which names the class (``Problem with given class_path '...'``) of
+            each option it refused.
+        text: the condensed report (:func:`condense_parser_error`), whose lines are rewritten.
+    """
+    from dataclasses import fields
+
+    from lightning_mtl.datamodules import EpisodeSettings
+
+    names = [f.name for f in fields(EpisodeSettings)]
+    owner: dict[str, str] = {}  # refused option -> class path that refused it
+    stack: list[tuple[int, str]] = []
+    for line in message.splitlines():
+        indent = len(line) - len(line.lstrip(" -"))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if given := re.search(r"Problem with given class_path '([\w.]+)'", line):
+            stack.append((indent, given.group(1)))
+        elif (refused := re.search(r"Option '(\w+)' is not accepted", line)) and stack:
+            owner.setdefault(refused.group(1), stack[-1][1])
+    out = []
+    for line in text.splitlines():
+        match = re.fullmatch(r"(?P<key>[\w.]+): Option '(?P<name>\w+)' is not accepted", line.strip())
+        name = match.group("name") if match else None
+        if name not in names or not _takes_episode_settings(owner.get(name, "")):
+            out.append(line)
+            continue
+        key, cls = match.group("key"), owner[name].rsplit(".", 1)[-1]
+        flag = "" if "." in key else f", or write --{key}.episodes.{name} on the command line"
+        out.append(f"{key}.init_args.{name} moved to {key}.init_args.episodes.{name}: {cls} takes its episode "
+                   f"settings ({', '.join(names)}) as one group, EpisodeSettings; move them under `episodes:` in "
+                   f"the YAML{flag}.")
+    return "\n".join(out)
+
+
 class RecipeHelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help, with our and the user's classes as the known choices, not all of ``torch.nn``."""
 
@@ -342,7 +395,7 @@ class RecipeParser(LightningArgumentParser):
                 text += (f"\n'{named.group(1)}' is a registered name and takes no arguments; to give arguments, name "
                          f"its class: --model.balancer {cls.__name__} (or class_path {cls.__module__}.{cls.__name__}"
                          f" in YAML) with --model.balancer.init_args.<name> <value>")
-        text = explain_unknown_classes(text)
+        text = explain_unknown_classes(explain_moved_episode_settings(message, text))
         sys.stderr.write(f"error: {text}\n(`{prog} --help` lists the options; "
                          f"`--model.help CLASS` or `--data.help CLASS` the arguments of a class)\n")
         sys.exit(2)
@@ -508,9 +561,10 @@ class RecipeCLI(LightningCLI):
 
     def link_episode_shape(self, config) -> None:
         """State ``ways`` and the image shape once, in the data: a model with ``ways`` / ``image_shape`` arguments
-        (the MAML family, Reptile, Siamese and Relation networks) takes the datamodule's ``train_ways`` and image
-        shape (:meth:`~lightning_mtl.datamodules.EpisodicImages.image_shape_for`) unless they are set for it; set
-        to other values, the run stops here with both values named.
+        (the MAML family, Reptile, Siamese and Relation networks) takes the datamodule's ``episodes.train_ways``
+        (:class:`~lightning_mtl.datamodules.EpisodeSettings`) and image shape
+        (:meth:`~lightning_mtl.datamodules.EpisodicImages.image_shape_for`) unless they are set for it; set to other
+        values, the run stops here with both values named.
 
         Raises:
             ValueError: ``model.ways`` or ``model.image_shape`` contradicts the data's.
@@ -527,11 +581,16 @@ class RecipeCLI(LightningCLI):
         params = inspect.signature(model_cls.__init__).parameters
         args = data.get("init_args") or {}
         args = args.as_dict() if hasattr(args, "as_dict") else dict(args)
-        episodes = args.get("episodes") or {}  # a typed EpisodeSettings group, or flat arguments
-        settings = {**episodes, **args} if isinstance(episodes, dict) else args
         values = {}
-        if "ways" in params and settings.get("train_mode", "episodes") == "episodes":
-            values["ways"] = settings.get("train_ways", _default(data_cls, "train_ways"))
+        if "ways" in params and "episodes" in inspect.signature(data_cls.__init__).parameters:
+            from lightning_mtl.datamodules import EpisodeSettings
+
+            # the typed group as given (a dict once parsed), over the class's default settings
+            default = _default(data_cls, "episodes")
+            settings = {**vars(default if isinstance(default, EpisodeSettings) else EpisodeSettings()),
+                        **(args.get("episodes") or {})}
+            if settings["train_mode"] == "episodes":
+                values["ways"] = settings["train_ways"]
         if "image_shape" in params and hasattr(data_cls, "image_shape_for"):
             values["image_shape"] = data_cls.image_shape_for(args)
         explicit = self._explicit_model_args(config)
@@ -544,7 +603,7 @@ class RecipeCLI(LightningCLI):
             if key not in explicit:
                 config[f"model.init_args.{key}"] = tuple(value) if key == "image_shape" else value
             elif current != value:
-                source = "data.train_ways" if key == "ways" else "the data's image shape"
+                source = "data.episodes.train_ways" if key == "ways" else "the data's image shape"
                 error = ValueError(
                     f"model.{key}={current} contradicts {source}={value}: state it once, in the data (remove "
                     f"model.{key}; the model takes it from the data), or make the two equal.")

@@ -47,6 +47,7 @@ from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.cli import resolve_checkpoint_alias
 from lightning_mtl.datamodules import (
     EpisodeSampler,
+    EpisodeSettings,
     FixedEpisodes,
     ImageFolderEpisodes,
     MiniImageNetEpisodes,
@@ -95,11 +96,14 @@ def class_folders(root: Path, classes: int = 5, per_class: int = 3) -> Path:
     return root
 
 
-def image_folder(tmp: Path, path: str = "toy", **kw) -> ImageFolderEpisodes:
-    """2-way 1-shot 1-query episodes of 8x8 images; the split (5 classes by default ratios) is 3 / 1 / 1 classes."""
-    kw = {"image_size": 8, "train_ways": 2, "train_shots": 1, "train_queries": 1, "eval_ways": 1, "eval_shots": 1,
-          "eval_queries": 1, "eval_meta_batch_size": 2, "val_episodes": 2, "test_episodes": 2, **kw}
-    return ImageFolderEpisodes(path=path, root=str(tmp), cache_dir=str(tmp / "cache"), **kw)
+def image_folder(tmp: Path, path: str = "toy", episodes: dict | None = None, **kw) -> ImageFolderEpisodes:
+    """2-way 1-shot 1-query episodes of 8x8 images; the split (5 classes by default ratios) is 3 / 1 / 1 classes.
+    ``episodes`` overrides fields of these episode settings."""
+    kw = {"image_size": 8, **kw}
+    settings = {"train_ways": 2, "train_shots": 1, "train_queries": 1, "eval_ways": 1, "eval_shots": 1,
+                "eval_queries": 1, "eval_meta_batch_size": 2, "val_episodes": 2, "test_episodes": 2, **(episodes or {})}
+    return ImageFolderEpisodes(path=path, root=str(tmp), cache_dir=str(tmp / "cache"),
+                               episodes=EpisodeSettings(**settings), **kw)
 
 
 def prepared(dm: L.LightningDataModule) -> L.LightningDataModule:
@@ -124,9 +128,10 @@ def fake_omniglot(root: Path) -> Path:
     return root
 
 
-def omniglot(tmp: Path, **kw) -> OmniglotEpisodes:
-    kw = {"image_size": 8, "train_ways": 2, "eval_ways": 2, "download": False, **kw}
-    return OmniglotEpisodes(root=str(tmp), cache_dir=str(tmp / "cache"), **kw)
+def omniglot(tmp: Path, episodes: dict | None = None, **kw) -> OmniglotEpisodes:
+    kw = {"image_size": 8, "download": False, **kw}
+    settings = {"train_ways": 2, "eval_ways": 2, **(episodes or {})}
+    return OmniglotEpisodes(root=str(tmp), cache_dir=str(tmp / "cache"), episodes=EpisodeSettings(**settings), **kw)
 
 
 def idx(path: Path, array: np.ndarray, type_code: int = 0x08, compress: bool = True) -> Path:
@@ -157,8 +162,8 @@ def mini_imagenet(tmp: Path, missing: str | None = None) -> MiniImageNetEpisodes
                     (folder / "images" / name).write_bytes(jpeg(100 * s + 10 * c + i))
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return MiniImageNetEpisodes(root=str(tmp), path="mini", source="images", image_size=8, check_protocol=False,
-                                cache_dir=str(tmp / "cache"), train_ways=2, eval_ways=2, train_queries=1,
-                                eval_queries=1)
+                                cache_dir=str(tmp / "cache"),
+                                episodes=EpisodeSettings(train_ways=2, eval_ways=2, train_queries=1, eval_queries=1))
 
 
 def mini_imagenet_pickles(tmp: Path, train: object) -> MiniImageNetEpisodes:
@@ -285,7 +290,7 @@ def missing_split_file(tmp: Path) -> None:
 
 def ways_above_classes(tmp: Path) -> None:
     class_folders(tmp / "toy")
-    prepared(image_folder(tmp, eval_ways=2))  # val and test hold 1 class each
+    prepared(image_folder(tmp, episodes={"eval_ways": 2}))  # val and test hold 1 class each
 
 
 class StepCounter(L.Callback):
@@ -301,7 +306,8 @@ def maml_eval_ways_not_the_head(tmp: Path) -> None:
     class_folders(tmp / "toy")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[StepCounter()])
-    trainer.fit(MAML(ways=2, image_shape=(1, 16, 16)), datamodule=image_folder(tmp, eval_ways=1, image_size=16))
+    data = image_folder(tmp, image_size=16, episodes={"eval_ways": 1})
+    trainer.fit(MAML(ways=2, image_shape=(1, 16, 16)), datamodule=data)
 
 
 def omniglot_split_naming_missing_character(tmp: Path) -> None:
@@ -492,10 +498,10 @@ CASES = [
                                                                        name="toy/train"), ValueError,
          "toy/train: shots + queries = 2 + 3 = 5 exceeds the 4 examples per class; lower shots or queries so that "
          "shots + queries <= 4."),
-    Case("shots_plus_queries_above_omniglot_drawings", lambda tmp: omniglot(tmp, train_shots=5, train_queries=16),
-         ValueError,
-         "train_shots + train_queries = 5 + 16 = 21 exceeds the 20 drawings of each Omniglot character; lower them to "
-         "sum to at most 20."),
+    Case("shots_plus_queries_above_omniglot_drawings",
+         lambda tmp: omniglot(tmp, episodes={"train_shots": 5, "train_queries": 16}), ValueError,
+         "episodes.train_shots + episodes.train_queries = 5 + 16 = 21 exceeds the 20 drawings of each Omniglot "
+         "character; lower them to sum to at most 20."),
     Case("class_with_fewer_images_than_shots_plus_queries", class_with_too_few_images, ValueError,
          "ImageFolder toy/train: class class4 has 1 images but episodes need shots + queries = 1 + 1 = 2; add images "
          "to class4, move it out of this split, or lower shots / queries."),
@@ -704,8 +710,20 @@ CLI_CASES = [
             "error: data: Option 'wayz' is not accepted"),
     CliCase("yaml_unknown_top_level_key", QUICK + "lr_sheduler: null\n", (),
             "error: Option 'lr_sheduler' is not accepted"),
-    CliCase("yaml_wrong_type", QUICK + "  init_args:\n    train_ways: five\n", (),
-            "error: data.train_ways: Expected a <class 'int'>. Got value: five"),
+    CliCase("yaml_wrong_type", QUICK + "  init_args:\n    episodes:\n      train_ways: five\n", (),
+            "error: data.episodes.train_ways: Expected a <class 'int'>. Got value: five"),
+    CliCase("yaml_flat_episode_setting", QUICK + "  init_args:\n    protocol: lake\n    train_ways: 5\n", (),
+            "error: data.init_args.train_ways moved to data.init_args.episodes.train_ways: OmniglotEpisodes takes its "
+            "episode settings (train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, "
+            "meta_batch_size, eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, "
+            "train_mode, train_batch_size, on_device) as one group, EpisodeSettings; move them under `episodes:` in "
+            "the YAML, or write --data.episodes.train_ways on the command line."),
+    CliCase("flat_episode_setting_on_the_command_line", QUICK, ("--data.init_args.num_workers=2",),
+            "error: data.init_args.num_workers moved to data.init_args.episodes.num_workers: OmniglotEpisodes takes "
+            "its episode settings (train_ways, train_shots, train_queries, eval_ways, eval_shots, eval_queries, "
+            "meta_batch_size, eval_meta_batch_size, val_episodes, test_episodes, seed, eval_seed, num_workers, "
+            "train_mode, train_batch_size, on_device) as one group, EpisodeSettings; move them under `episodes:` in "
+            "the YAML, or write --data.episodes.num_workers on the command line."),
     CliCase("unknown_method_class", QUICK, ("--model.class_path=lightning_mtl.meta.ProtoNett",),
             "error: model: module 'lightning_mtl.meta' has no attribute 'ProtoNett'"),
     CliCase("unknown_backbone_class", QUICK, ("--model.backbone.class_path=lightning_mtl.nn.Conv5",),
@@ -769,8 +787,8 @@ def test_true_precision_takes_uint8_images(make):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (("--model.ways=5",), "error: model.ways=5 contradicts data.train_ways=20: state it once, in the data (remove "
-                          "model.ways; the model takes it from the data), or make the two equal."),
+    (("--model.ways=5",), "error: model.ways=5 contradicts data.episodes.train_ways=20: state it once, in the data "
+                          "(remove model.ways; the model takes it from the data), or make the two equal."),
     (("--model.image_shape=[1,32,32]",), "error: model.image_shape=[1, 32, 32] contradicts the data's image "
                                          "shape=[1, 28, 28]: state it once, in the data (remove model.image_shape; "
                                          "the model takes it from the data), or make the two equal."),

@@ -257,7 +257,7 @@ def test_recipe_fit_never_writes_the_api_key(omniglot_root, cache_dir, rejecting
     args = ["fit", "--config", str(REPO / "recipes" / "configs" / "omniglot" / "protonet_5w1s_quick.yaml"),
             "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=2",
             "--trainer.max_time=null", "--trainer.enable_progress_bar=false", "--trainer.precision=32",
-            "--data.train_ways=5", "--data.val_episodes=8", "--data.eval_meta_batch_size=8",
+            "--data.episodes.train_ways=5", "--data.episodes.val_episodes=8", "--data.episodes.eval_meta_batch_size=8",
             f"--trainer.logger.init_args.save_dir={run}/wandb_logs", f"--checkpoint.dirpath={run}/checkpoints"]
     proc = subprocess.run([sys.executable, str(REPO / "recipes" / "fewshot.py"), *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

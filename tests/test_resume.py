@@ -170,9 +170,10 @@ def check_exact_resume(recipe: str, args: list[str], tmp_path: Path, env: dict, 
 
 def test_fewshot_reptile_resumes_exactly_after_sigkill(env, tmp_path):
     """Reptile draws its inner-loop batches from torch's global generator, in training and validation."""
-    args = ["--config", str(CONFIGS / "omniglot" / "reptile_5w1s_quick.yaml"), "--data.val_episodes=4",
-            "--data.eval_meta_batch_size=4", "--data.train_queries=2", "--data.meta_batch_size=2",
-            "--data.num_workers=2", "--model.inner_steps=2", "--model.eval_inner_steps=2",
+    args = ["--config", str(CONFIGS / "omniglot" / "reptile_5w1s_quick.yaml"), "--data.episodes.val_episodes=4",
+            "--data.episodes.eval_meta_batch_size=4", "--data.episodes.train_queries=2",
+            "--data.episodes.meta_batch_size=2", "--data.episodes.num_workers=2", "--model.inner_steps=2",
+            "--model.eval_inner_steps=2",
             "--model.inner_batch_size=5"]
     check_exact_resume("fewshot.py", args, tmp_path, env, seed=1)
 
@@ -183,9 +184,10 @@ def test_fewshot_reptile_ddp_resumes_exactly_after_sigkill(env, tmp_path):
     with rank 0's random states would pass; a rank restarting its stream at the wrong episode fails, checked by
     mutation.)"""
     env = {k: v for k, v in env.items() if not k.startswith(("PL_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"))}
-    args = ["--config", str(CONFIGS / "omniglot" / "reptile_5w1s_quick.yaml"), "--data.val_episodes=4",
-            "--data.eval_meta_batch_size=2", "--data.train_queries=2", "--data.meta_batch_size=2",
-            "--data.num_workers=1", "--model.inner_steps=2", "--model.eval_inner_steps=2",
+    args = ["--config", str(CONFIGS / "omniglot" / "reptile_5w1s_quick.yaml"), "--data.episodes.val_episodes=4",
+            "--data.episodes.eval_meta_batch_size=2", "--data.episodes.train_queries=2",
+            "--data.episodes.meta_batch_size=2", "--data.episodes.num_workers=1", "--model.inner_steps=2",
+            "--model.eval_inner_steps=2",
             "--model.inner_batch_size=5", "--trainer.accelerator=cpu", "--trainer.devices=2",
             "--trainer.strategy=ddp"]
     check_exact_resume("fewshot.py", args, tmp_path, env, seed=3)
@@ -256,8 +258,8 @@ def test_kill_during_a_checkpoint_write_leaves_a_complete_last_ckpt(env, tmp_pat
     args = ["--config", str(CONFIGS / "omniglot" / "protonet_5w1s_quick.yaml"), "--trainer.max_steps=200",
             "--trainer.val_check_interval=1000", "--trainer.max_time=null", "--trainer.precision=32",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--checkpoint.dirpath={run}", "--checkpoint.every_n_train_steps=2", "--data.train_ways=5",
-            "--data.train_queries=2"]
+            f"--checkpoint.dirpath={run}", "--checkpoint.every_n_train_steps=2", "--data.episodes.train_ways=5",
+            "--data.episodes.train_queries=2"]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_DISK, str(REPO / "recipes" / "fewshot.py"), "fit", *args],
                             env={**env, "TMPDIR": str(temp)}, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from lightning_mtl import Episode
-from lightning_mtl.datamodules import OmniglotEpisodes
+from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 from lightning_mtl.meta import ProtoNet
 
 # odd 64-bit weights of the image fingerprint (a random linear hash of the pixels, modulo 2**64)
@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.filterwarnings("ignore", message=noise)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    dm = OmniglotEpisodes(train_ways=args.ways, train_shots=args.shots, train_queries=args.queries,
-                          meta_batch_size=args.meta_batch_size, val_episodes=args.val_episodes,
-                          test_episodes=args.test_episodes, seed=args.seed, num_workers=args.workers, download=False)
+    dm = OmniglotEpisodes(download=False, episodes=EpisodeSettings(
+        train_ways=args.ways, train_shots=args.shots, train_queries=args.queries, meta_batch_size=args.meta_batch_size,
+        val_episodes=args.val_episodes, test_episodes=args.test_episodes, seed=args.seed, num_workers=args.workers))
     dm.prepare_data()
     dm.setup("fit")
 

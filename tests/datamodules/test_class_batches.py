@@ -128,9 +128,21 @@ def test_bad_settings_and_early_class_count():
         _ = CodedImages().num_train_classes
 
 
+def test_settings_from_none_a_mapping_or_settings():
+    """`EpisodeSettings.of`: what the datamodules accept as `episodes` (None, the group, or the plain dict their saved
+    hyper-parameters hold)."""
+    settings = EpisodeSettings(train_ways=7, seed=3)
+    assert EpisodeSettings.of(None) == EpisodeSettings() and EpisodeSettings.of(settings) is settings
+    assert EpisodeSettings.of({"train_ways": 7, "seed": 3}) == settings
+    with pytest.raises(TypeError, match="episodes: unknown setting.s. wayz; the settings are train_ways, "):
+        EpisodeSettings.of({"wayz": 7})
+    with pytest.raises(TypeError, match="episodes must be an EpisodeSettings .or a mapping of its fields., got int"):
+        EpisodeSettings.of(5)
+
+
 def test_every_episodic_datamodule_takes_the_mode():
     for cls in (OmniglotEpisodes, MiniImageNetEpisodes, ImageFolderEpisodes):
-        dm = cls(train_mode="classes", train_batch_size=32)
+        dm = cls(episodes=EpisodeSettings(train_mode="classes", train_batch_size=32))
         assert (dm.episodes.train_mode, dm.episodes.train_batch_size) == ("classes", 32)
         assert cls().episodes.train_mode == "episodes"
 
@@ -139,8 +151,8 @@ def test_every_episodic_datamodule_takes_the_mode():
 
 
 def test_real_omniglot_class_batches(omniglot_root, cache_dir):
-    dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, train_mode="classes",
-                          train_batch_size=360)
+    dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False,
+                          episodes=EpisodeSettings(train_mode="classes", train_batch_size=360))
     dm.prepare_data()
     dm.setup()
     assert dm.num_train_classes == 4112

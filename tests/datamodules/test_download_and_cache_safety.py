@@ -34,7 +34,7 @@ import torch
 from omniglot_fakes import make_fake_omniglot
 from PIL import Image
 
-from lightning_mtl.datamodules import OmniglotEpisodes, _omniglot_archives, omniglot
+from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes, _omniglot_archives, omniglot
 from lightning_mtl.datamodules._download import DownloadError, download_file
 from lightning_mtl.datamodules._images import FileTree, load_cache, save_cache
 from lightning_mtl.datamodules._safe_pickle import UnsafePickleError, safe_load
@@ -61,9 +61,9 @@ def make_omniglot(root: Path) -> Path:
 
 
 def omniglot_dm(root: Path, cache: Path, **kw) -> OmniglotEpisodes:
-    kw = {"train_ways": 2, "eval_ways": 2, "image_size": 8, "download": False, "val_episodes": 4,
-          "test_episodes": 4, "eval_meta_batch_size": 4, **kw}
-    return OmniglotEpisodes(root=str(root), cache_dir=str(cache), **kw)
+    kw = {"image_size": 8, "download": False, **kw}
+    episodes = EpisodeSettings(train_ways=2, eval_ways=2, val_episodes=4, test_episodes=4, eval_meta_batch_size=4)
+    return OmniglotEpisodes(root=str(root), cache_dir=str(cache), episodes=episodes, **kw)
 
 
 def make_classes(folder: Path, classes: int = 6, per_class: int = 4) -> Path:
@@ -75,9 +75,10 @@ def make_classes(folder: Path, classes: int = 6, per_class: int = 4) -> Path:
 
 
 def folder_dm(path: Path, cache: Path, **kw) -> ImageFolderEpisodes:
-    kw = {"image_size": 8, "train_ways": 2, "train_queries": 1, "eval_ways": 1, "eval_queries": 1,
-          "eval_meta_batch_size": 4, "val_episodes": 4, "test_episodes": 4, **kw}
-    return ImageFolderEpisodes(path=str(path), cache_dir=str(cache), **kw)
+    kw = {"image_size": 8, **kw}
+    episodes = EpisodeSettings(train_ways=2, train_queries=1, eval_ways=1, eval_queries=1, eval_meta_batch_size=4,
+                               val_episodes=4, test_episodes=4)
+    return ImageFolderEpisodes(path=str(path), cache_dir=str(cache), episodes=episodes, **kw)
 
 
 def ready(d):

@@ -7,12 +7,14 @@ import io
 import os
 import stat
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lightning_mtl.datamodules import EpisodeSettings
 from lightning_mtl.datamodules.image_folder import ImageFolderEpisodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,10 +43,15 @@ def folders(tmp_path) -> Path:
     return make_folders(tmp_path / "data" / "toy")
 
 
-def dm(path: Path, tmp_path: Path, **kw) -> ImageFolderEpisodes:
-    kw = {"image_size": 8, "train_ways": 3, "train_shots": 1, "train_queries": 2, "eval_ways": 2, "eval_shots": 1,
-          "eval_queries": 2, "eval_meta_batch_size": 4, "val_episodes": 8, "test_episodes": 8, **kw}
-    return ImageFolderEpisodes(path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+EPISODES = EpisodeSettings(train_ways=3, train_shots=1, train_queries=2, eval_ways=2, eval_shots=1, eval_queries=2,
+                           eval_meta_batch_size=4, val_episodes=8, test_episodes=8)
+
+
+def dm(path: Path, tmp_path: Path, episodes: dict | None = None, **kw) -> ImageFolderEpisodes:
+    """The datamodule of ``path`` with small episodes; ``episodes`` overrides fields of :data:`EPISODES`."""
+    kw = {"image_size": 8, **kw}
+    return ImageFolderEpisodes(path=str(path), cache_dir=str(tmp_path / "cache"),
+                               episodes=replace(EPISODES, **(episodes or {})), **kw)
 
 
 def ready(d: ImageFolderEpisodes) -> ImageFolderEpisodes:
@@ -62,7 +69,7 @@ def class_ids(images: np.ndarray) -> set[int]:
 
 
 def test_episode_shapes_labels_and_disjoint_splits(folders, tmp_path):
-    d = ready(dm(folders, tmp_path, meta_batch_size=2))
+    d = ready(dm(folders, tmp_path, episodes={"meta_batch_size": 2}))
     assert [d.num_classes(s) for s in ("train", "val", "test")] == [6, 2, 2]  # 0.64 / 0.16 / 0.20 of 10
     ids = [class_ids(d.samplers[s].images) for s in ("train", "val", "test")]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]) and len(ids[0] | ids[1] | ids[2]) == 10
@@ -79,7 +86,7 @@ def test_episode_shapes_labels_and_disjoint_splits(folders, tmp_path):
 
 def test_determinism_by_seed(folders, tmp_path):
     a, b = ready(dm(folders, tmp_path)), ready(dm(folders, tmp_path))
-    c = ready(dm(folders, tmp_path, seed=1))
+    c = ready(dm(folders, tmp_path, episodes={"seed": 1}))
     first = [next(iter(x.train_dataloader())).support_x for x in (a, b, c)]
     assert (first[0] == first[1]).all() and not (first[0] == first[2]).all()
     assert (next(iter(a.test_dataloader())).query_x == next(iter(c.test_dataloader())).query_x).all()
@@ -143,7 +150,7 @@ def test_non_image_and_corrupt_files_named(folders, tmp_path):
 
 
 def test_ways_larger_than_split(folders, tmp_path):
-    d = dm(folders, tmp_path, eval_ways=3)
+    d = dm(folders, tmp_path, episodes={"eval_ways": 3})
     d.prepare_data()
     with pytest.raises(ValueError, match=r"toy/val: 3-way episodes need 3 classes but the split has only 2"):
         d.setup()
@@ -217,8 +224,8 @@ def test_tiny_imagenet_layout_in_zip(tmp_path):
             for i in range(4):
                 zf.writestr(f"tiny-imagenet-200/train/n00{c + 1}/images/n00{c + 1}_{i}.JPEG", png(c, i))
         zf.writestr("tiny-imagenet-200/val/images/val_0.JPEG", png(9, 9))
-    d = ready(dm(archive, tmp_path, train_ways=2, train_classes=["n001", "n002"], val_classes=["n003"],
-                 test_classes=["n004"], eval_ways=1))
+    d = ready(dm(archive, tmp_path, train_classes=["n001", "n002"], val_classes=["n003"], test_classes=["n004"],
+                 episodes={"train_ways": 2, "eval_ways": 1}))
     assert d.samplers["train"].images.shape == (2, 4, 3, 8, 8)
 
 
@@ -265,7 +272,7 @@ def tiny_root() -> Path:
 
 def test_real_tiny_imagenet_subset(tiny_root, cache_dir):
     d = ready(ImageFolderEpisodes(path=str(TINY_ZIP), root=str(tiny_root), cache_dir=str(cache_dir), image_size=64,
-                                  test_episodes=32))
+                                  episodes=EpisodeSettings(test_episodes=32)))
     assert [d.num_classes(s) for s in ("train", "val", "test")] == [128, 32, 40]
     images = d.samplers["train"].images
     assert images.shape == (128, 100, 3, 64, 64) and images.dtype == np.uint8

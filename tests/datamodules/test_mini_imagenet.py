@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lightning_mtl.datamodules import EpisodeSettings
 from lightning_mtl.datamodules._safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load
 from lightning_mtl.datamodules.mini_imagenet import (
     IMAGES_PER_CLASS,
@@ -68,10 +70,15 @@ def sources(tmp_path_factory) -> Path:
     return root
 
 
-def dm(root: Path, tmp_path: Path, **kw) -> MiniImageNetEpisodes:
-    kw = {"check_protocol": False, "train_ways": 3, "train_queries": 2, "eval_ways": 2, "eval_queries": 2,
-          "eval_meta_batch_size": 4, "val_episodes": 8, "test_episodes": 8, **kw}
-    return MiniImageNetEpisodes(root=str(root), cache_dir=str(tmp_path / "cache"), **kw)
+EPISODES = EpisodeSettings(train_ways=3, train_queries=2, eval_ways=2, eval_queries=2, eval_meta_batch_size=4,
+                           val_episodes=8, test_episodes=8)
+
+
+def dm(root: Path, tmp_path: Path, episodes: dict | None = None, **kw) -> MiniImageNetEpisodes:
+    """The datamodule of ``root`` with small episodes; ``episodes`` overrides fields of :data:`EPISODES`."""
+    kw = {"check_protocol": False, **kw}
+    return MiniImageNetEpisodes(root=str(root), cache_dir=str(tmp_path / "cache"),
+                                episodes=replace(EPISODES, **(episodes or {})), **kw)
 
 
 def ready(d: MiniImageNetEpisodes) -> MiniImageNetEpisodes:
@@ -92,7 +99,7 @@ class Evil:
 
 
 def test_images_source_episodes(sources, tmp_path):
-    d = ready(dm(sources, tmp_path, source="images", meta_batch_size=2))
+    d = ready(dm(sources, tmp_path, source="images", episodes={"meta_batch_size": 2}))
     assert [d.num_classes(s) for s in ("train", "val", "test")] == [4, 2, 3]
     ep = next(iter(d.train_dataloader()))
     assert ep.support_x.shape == (2, 3, 3, 84, 84) and ep.query_x.shape == (2, 6, 3, 84, 84)
@@ -116,7 +123,7 @@ def test_pickle_source_equals_images_source_and_auto_prefers_pickles(sources, tm
 
 def test_determinism_trainval_and_resize(sources, tmp_path):
     a, b = ready(dm(sources, tmp_path)), ready(dm(sources, tmp_path))
-    c = ready(dm(sources, tmp_path, seed=3))
+    c = ready(dm(sources, tmp_path, episodes={"seed": 3}))
     first = [next(iter(x.train_dataloader())).query_x for x in (a, b, c)]
     assert (first[0] == first[1]).all() and not (first[0] == first[2]).all()
     assert ready(dm(sources, tmp_path, train_split="trainval")).num_classes("train") == 6

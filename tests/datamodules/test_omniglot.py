@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omniglot_fakes import make_fake_omniglot
 
-from lightning_mtl.datamodules import OmniglotEpisodes
+from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 
 # ------------------------------------------------------------------ real data
 
@@ -76,9 +77,14 @@ def fake_root(tmp_path) -> Path:
     return make_fake_omniglot(tmp_path / "data")
 
 
-def dm(root, tmp_path, **kw) -> OmniglotEpisodes:
-    kw = {"train_ways": 3, "eval_ways": 2, "download": False, **kw}
-    return OmniglotEpisodes(root=str(root), cache_dir=str(tmp_path / "cache"), **kw)
+EPISODES = EpisodeSettings(train_ways=3, eval_ways=2)
+
+
+def dm(root, tmp_path, episodes: dict | None = None, **kw) -> OmniglotEpisodes:
+    """The datamodule of ``root``; ``episodes`` overrides fields of :data:`EPISODES`."""
+    kw = {"download": False, **kw}
+    return OmniglotEpisodes(root=str(root), cache_dir=str(tmp_path / "cache"),
+                            episodes=replace(EPISODES, **(episodes or {})), **kw)
 
 
 def test_fake_archive_roundtrip(fake_root, tmp_path):
@@ -139,21 +145,50 @@ def test_split_naming_missing_character(fake_root, tmp_path):
 
 
 def test_ways_larger_than_classes(fake_root, tmp_path):
-    d = dm(fake_root, tmp_path, eval_ways=5)
+    d = dm(fake_root, tmp_path, episodes={"eval_ways": 5})
     d.prepare_data()
     with pytest.raises(ValueError, match=r"vinyals/val: 5-way episodes need 5 classes but the split has only 4"):
         d.setup()
 
 
 def test_shots_plus_queries_larger_than_drawings(tmp_path):
-    with pytest.raises(ValueError, match=r"train_shots \+ train_queries = 5 \+ 16 = 21 exceeds the 20 drawings"):
-        OmniglotEpisodes(root=str(tmp_path), train_shots=5, train_queries=16)
+    with pytest.raises(ValueError, match=r"episodes\.train_shots \+ episodes\.train_queries = 5 \+ 16 = 21 exceeds "
+                                         r"the 20 drawings"):
+        OmniglotEpisodes(root=str(tmp_path), episodes=EpisodeSettings(train_shots=5, train_queries=16))
 
 
 @pytest.mark.parametrize("size", [0, -3])
 def test_nonpositive_image_size(tmp_path, size):
     with pytest.raises(ValueError, match=f"image_size must be a positive number of pixels, got {size}"):
         OmniglotEpisodes(root=str(tmp_path), image_size=size)
+
+
+def test_episode_settings_are_saved_as_plain_hyper_parameters_and_load_back(fake_root, tmp_path):
+    """The typed group is recorded whole (the settings in use, also when left None) as a plain dict: a checkpoint
+    loads with weights_only=True, and load_from_checkpoint rebuilds the same settings."""
+    import lightning as L
+    import torch
+    from torch import nn
+
+    from lightning_mtl.meta import ProtoNet
+
+    assert OmniglotEpisodes(root=str(fake_root)).hparams["episodes"] == vars(EpisodeSettings())
+    d = dm(fake_root, tmp_path, episodes={"meta_batch_size": 2, "val_episodes": 4, "eval_meta_batch_size": 2,
+                                          "seed": 3})
+    assert d.hparams["episodes"] == {**vars(EPISODES), "meta_batch_size": 2, "val_episodes": 4,
+                                     "eval_meta_batch_size": 2, "seed": 3}
+    assert d.hparams_initial["episodes"] == d.hparams["episodes"]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(ProtoNet(backbone=nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten())), datamodule=d)
+    path = tmp_path / "one_step.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["datamodule_hyper_parameters"]
+    assert saved["episodes"] == d.hparams["episodes"] and saved["download"] is False
+    again = OmniglotEpisodes.load_from_checkpoint(path, weights_only=True)
+    assert again.episodes == d.episodes and again.hparams["episodes"] == d.hparams["episodes"]
+    assert EpisodeSettings.of(saved["episodes"]) == d.episodes
 
 
 def test_corrupt_png_named(fake_root, tmp_path):
@@ -213,8 +248,8 @@ def test_episodes_on_the_device_train_and_equal_the_host_stream(omniglot_root, c
     from lightning_mtl.meta import ProtoNet
 
     def data(on_device: bool) -> OmniglotEpisodes:
-        dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, meta_batch_size=2,
-                              val_episodes=4, eval_meta_batch_size=2)
+        dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False,
+                              episodes=EpisodeSettings(meta_batch_size=2, val_episodes=4, eval_meta_batch_size=2))
         dm.episodes_on_device = on_device
         return dm
 

@@ -20,7 +20,8 @@ DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=d
        "--trainer.enable_progress_bar=false", "--trainer.logger=lightning.pytorch.loggers.CSVLogger"]
 RUNS = {
     "fewshot": ("fewshot.py", "omniglot/protonet_5w1s_quick.yaml",
-                ["--data.train_ways=10", "--data.val_episodes=8", "--data.eval_meta_batch_size=4"]),
+                ["--data.episodes.train_ways=10", "--data.episodes.val_episodes=8",
+                 "--data.episodes.eval_meta_batch_size=4"]),
     "multitask": ("multitask.py", "multimnist/hps_upgrad_quick.yaml", ["--data.batch_size=16"]),
 }
 

@@ -72,11 +72,11 @@ def test_meta_gradient_matches_finite_differences(first_order, steps, only_rule)
 
 
 def test_rule_parameters_get_gradients_and_eval_adapts(omniglot_root, cache_dir, monkeypatch):
-    from lightning_mtl.datamodules import OmniglotEpisodes
+    from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 
     monkeypatch.setenv("LIGHTNING_MTL_CACHE", str(cache_dir))
-    dm = OmniglotEpisodes(root=omniglot_root, train_ways=5, train_shots=1, train_queries=5, val_episodes=4,
-                          eval_queries=5, meta_batch_size=2)
+    dm = OmniglotEpisodes(root=omniglot_root, episodes=EpisodeSettings(
+        train_ways=5, train_shots=1, train_queries=5, val_episodes=4, eval_queries=5, meta_batch_size=2))
     dm.prepare_data()
     dm.setup("fit")
     model = LearnedOptimizer(ways=5, inner_steps=2, eval_inner_steps=3)

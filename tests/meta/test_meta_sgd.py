@@ -94,10 +94,11 @@ def test_rejects_mismatched_ways():
 
 
 def test_real_omniglot_training_steps(omniglot_root, cache_dir, tmp_path):
-    from lightning_mtl.datamodules import OmniglotEpisodes
+    from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 
-    dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, train_queries=1,
-                          meta_batch_size=2, eval_meta_batch_size=4, val_episodes=4, test_episodes=4)
+    dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False,
+                          episodes=EpisodeSettings(train_queries=1, meta_batch_size=2, eval_meta_batch_size=4,
+                                                   val_episodes=4, test_episodes=4))
     model = MetaSGD(ways=5)
     alpha_before = [a.detach().clone() for a in model.alpha]
     trainer = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, logger=False, accelerator="cpu",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_mtl import Episode
-from lightning_mtl.datamodules import OmniglotEpisodes
+from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 from lightning_mtl.meta.relation import RelationEmbedding, RelationNetwork, class_features
 
 
@@ -84,8 +84,9 @@ def test_bad_backbone_input_and_sizes_give_clear_errors():
 
 def test_real_omniglot_few_training_steps(omniglot_root, cache_dir):
     torch.manual_seed(0)  # not L.seed_everything: it leaks PL_GLOBAL_SEED into later subprocesses
-    dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, train_queries=5,
-                          meta_batch_size=2, val_episodes=16, eval_queries=5, eval_meta_batch_size=16)
+    dm = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False,
+                          episodes=EpisodeSettings(train_queries=5, meta_batch_size=2, val_episodes=16, eval_queries=5,
+                                                   eval_meta_batch_size=16))
     model = RelationNetwork()
     trainer = L.Trainer(max_steps=40, val_check_interval=40, log_every_n_steps=5, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -62,10 +62,11 @@ def test_uniform_weights_give_mamls_loss():
 
 
 def test_trmaml_on_alphabet_episodes_moves_weight_to_hard_alphabets_and_logs_the_worst(omniglot_root, cache_dir):
-    from lightning_mtl.datamodules import OmniglotEpisodes
+    from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 
     data = OmniglotEpisodes(root=str(omniglot_root), cache_dir=str(cache_dir), download=False, family_episodes=True,
-                            train_ways=5, eval_ways=5, meta_batch_size=4, val_episodes=20, eval_meta_batch_size=10)
+                            episodes=EpisodeSettings(train_ways=5, eval_ways=5, meta_batch_size=4, val_episodes=20,
+                                                     eval_meta_batch_size=10))
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Flatten())
     model = TRMAML(backbone=backbone, family_lr=0.05, inner_steps=1, eval_inner_steps=1)

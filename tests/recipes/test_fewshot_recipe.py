@@ -44,7 +44,7 @@ def small_run_args(
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.max_time=null",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}/logs",
         "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=5",
-        f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.val_episodes=20", "--data.test_episodes=50",
+        f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.episodes.val_episodes=20", "--data.episodes.test_episodes=50",
     ]
 
 
@@ -89,8 +89,9 @@ def test_config_fast_dev_run(config, data_env, tmp_path):
     """Every config trains a step and validates; at fp32, as bf16 autocast runs Conv-4 6-8x slower on CPUs without
     AVX-512 BF16 (bf16-mixed itself is covered by test_real_fit_then_test_best_and_last and the DDP matrix)."""
     cli = fewshot.main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.max_time=null",
-                        "--trainer.precision=32", "--data.meta_batch_size=2", "--data.eval_meta_batch_size=2",
-                        f"--checkpoint.dirpath={tmp_path}/ckpt", "--trainer.logger=false"])
+                        "--trainer.precision=32", "--data.episodes.meta_batch_size=2",
+                        "--data.episodes.eval_meta_batch_size=2", f"--checkpoint.dirpath={tmp_path}/ckpt",
+                        "--trainer.logger=false"])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
@@ -103,7 +104,7 @@ def test_unknown_key_is_refused(capsys):
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_real_fit_then_test_best_and_last(precision, data_env, tmp_path):
     # 20-way training episodes (the config's are 60-way): a third of the cost, still far above chance after 30 steps
-    args = small_run_args(tmp_path, precision=precision) + ["--data.train_ways=20"]
+    args = small_run_args(tmp_path, precision=precision) + ["--data.episodes.train_ways=20"]
     fit = fewshot.main(["fit", *args])
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     assert fit.trainer.callback_metrics["val/acc"] > 0.4  # 5-way chance is 0.2
@@ -152,7 +153,7 @@ def test_test_ckpt_best_without_fit_says_what_to_do(data_env, tmp_path):
 
 
 def test_maml_real_fit_and_test(data_env, tmp_path):
-    args = small_run_args(tmp_path, "maml_5w1s_quick.yaml", steps=10) + ["--data.meta_batch_size=4"]
+    args = small_run_args(tmp_path, "maml_5w1s_quick.yaml", steps=10) + ["--data.episodes.meta_batch_size=4"]
     fewshot.main(["fit", *args])
     test = fewshot.main(["test", *args, "--ckpt_path=last", "--model.eval_inner_steps=3"])
     assert test.trainer.callback_metrics["test/episodes"] == 50
@@ -177,7 +178,7 @@ def test_ddp_two_processes_fit_and_exact_eval_set(data_env, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     # 51 test episodes in meta-batches of 16 → 4 batches: uneven across the two ranks
-    args = small_run_args(tmp_path, steps=20) + ["--data.test_episodes=51"]
+    args = small_run_args(tmp_path, steps=20) + ["--data.episodes.test_episodes=51"]
     _run(["fit", *args, *ddp], env)
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     _run(["test", *args, *ddp, "--ckpt_path=last", f"--trainer.logger.save_dir={tmp_path}/ddp_test"], env)
@@ -198,7 +199,7 @@ def test_default_wandb_logger_goes_offline_and_logs(data_env, tmp_path, monkeypa
         fewshot.main(["fit", "--config", config, "--trainer.max_steps=10", "--trainer.val_check_interval=10",
                       "--trainer.precision=32",
                       "--trainer.log_every_n_steps=5", f"--trainer.logger.init_args.save_dir={tmp_path}/wb",
-                      f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.val_episodes=16",
+                      f"--checkpoint.dirpath={tmp_path}/ckpt", "--data.episodes.val_episodes=16",
                       "--trainer.enable_progress_bar=false"])
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
@@ -213,7 +214,7 @@ def test_recipe_checkpoint_loads_in_plain_python_with_its_own_backbone(data_env,
 
     args = small_run_args(tmp_path, steps=2) + [
         "--model.backbone.init_args.hidden_channels=32",
-        "--model.backbone.init_args.out_channels=32", "--data.train_ways=5"]
+        "--model.backbone.init_args.out_channels=32", "--data.episodes.train_ways=5"]
     fit = fewshot.main(["fit", *args])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -291,7 +292,7 @@ def test_a_fit_of_another_model_on_a_config_gets_its_own_run_folder(data_env, tm
     (tmp_path / "protonet.yaml").write_text(yaml.safe_dump(config))
     args = [a for a in small_run_args(tmp_path, steps=2) if not a.startswith("--checkpoint.dirpath")]
     args[args.index("--config") + 1] = str(tmp_path / "protonet.yaml")
-    args += ["--data.train_ways=5"]
+    args += ["--data.episodes.train_ways=5"]
     fewshot.main(["fit", *args])
     protonet = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()}
     maml = [*args, "--model=lightning_mtl.meta.MAML", "--model.ways=5", "--model.eval_inner_steps=1"]
@@ -306,6 +307,32 @@ def test_a_fit_of_another_model_on_a_config_gets_its_own_run_folder(data_env, tm
     assert type(test.model).__name__ == "MAML"
     assert (tmp_path / "run-MAML" / "test_metrics.json").exists()
     assert not (Path.cwd() / "config.yaml").exists()
+
+
+def test_episode_settings_round_trip_through_config_yaml_and_the_checkpoint(data_env, tmp_path):
+    """`--data.episodes.*` lands in the run's `config.yaml` as the `episodes` group (no flat episode argument left)
+    and in the checkpoint's datamodule hyper-parameters as a plain dict (loaded with weights_only=True); the saved
+    `config.yaml` runs again as it is, with the same settings."""
+    import dataclasses
+
+    import yaml
+
+    from lightning_mtl.datamodules import EpisodeSettings
+
+    names = {f.name for f in dataclasses.fields(EpisodeSettings)}
+    args = small_run_args(tmp_path, steps=2) + ["--data.episodes.train_ways=7", "--data.episodes.seed=3"]
+    fit = fewshot.main(["fit", *args])
+    saved = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())["data"]["init_args"]
+    episodes = saved["episodes"]
+    assert set(episodes) == names and not names & set(saved)
+    assert (episodes["train_ways"], episodes["seed"], episodes["val_episodes"]) == (7, 3, 20)
+    assert EpisodeSettings(**episodes) == fit.datamodule.episodes and fit.datamodule.hparams["episodes"] == episodes
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["datamodule_hyper_parameters"]["episodes"] == episodes
+    again = fewshot.main(["test", "--config", str(tmp_path / "ckpt" / "config.yaml"), "--ckpt_path=last",
+                          "--trainer.logger=false"])
+    assert again.datamodule.episodes == fit.datamodule.episodes
+    assert again.trainer.callback_metrics["test/episodes"] == 50
 
 
 USER_DATAMODULE = '''
@@ -388,7 +415,7 @@ def test_multitask_pretraining_then_few_shot_evaluation_of_its_backbone(data_env
     assert len(pretrain.model.task_names) == 30  # the background alphabets
     shared = pretrain.model.architecture.backbone.state_dict()
     test = fewshot.main(["test", "--config", str(REPO / "recipes/configs/omniglot/multitask_embedding_lake_5w1s.yaml"),
-                         f"--model.pretrained={tmp_path}/mtl/last.ckpt", "--data.test_episodes=40",
+                         f"--model.pretrained={tmp_path}/mtl/last.ckpt", "--data.episodes.test_episodes=40",
                          "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path}/emb"])
     loaded = test.model.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in shared.items())

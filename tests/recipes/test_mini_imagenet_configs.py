@@ -88,8 +88,8 @@ def test_config_fast_dev_run(config, mini_root, mini_cache, tmp_path):
         "fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.max_time=null",
         "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path}/ckpt",
         f"--data.root={mini_root}", f"--data.cache_dir={mini_cache}", "--data.check_protocol=false",
-        "--data.num_workers=0", "--data.meta_batch_size=1", "--data.eval_meta_batch_size=1",
-        "--data.val_episodes=1", "--data.test_episodes=1",
+        "--data.episodes.num_workers=0", "--data.episodes.meta_batch_size=1", "--data.episodes.eval_meta_batch_size=1",
+        "--data.episodes.val_episodes=1", "--data.episodes.test_episodes=1",
     ]
     model_args = yaml.safe_load(config.read_text())["model"].get("init_args", {})
     if model_args.get("eval_inner_steps", 0) > EVAL_INNER_STEPS:
