@@ -600,10 +600,10 @@ CASES = [
          "(an episodic one, e.g. OmniglotEpisodes)."),
     Case("maml_ways_not_the_episodes", lambda tmp: MAML(ways=5).episode_logits(episode(ways=3), "train"), ValueError,
          "episodes are 3-way but the MAML head has 5 outputs; give the model and every stage of the datamodule the "
-         "same ways (--model.ways, --data.train_ways, --data.eval_ways)."),
+         "same ways (--model.ways, --data.episodes.train_ways, --data.episodes.eval_ways)."),
     Case("maml_eval_ways_not_the_head_before_training", maml_eval_ways_not_the_head, ValueError,
-         "data.eval_ways=1 but MAML's head has model.ways=2 outputs, and one head serves every stage: set "
-         "--data.eval_ways 2."),
+         "data.episodes.eval_ways=1 but MAML's head has model.ways=2 outputs, and one head serves every stage: set "
+         "--data.episodes.eval_ways 2."),
     Case("maml_image_shape_not_the_episodes", lambda tmp: MAML(ways=2).episode_logits(episode(size=14), "train"),
          ValueError,
          "episodes hold images of shape (1, 14, 14) but the head was sized for image_shape (1, 28, 28); set model "

@@ -78,10 +78,12 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
             data_ways = episodes.shape(stage)[0]
             if data_ways != ways:
                 key = "train_ways" if stage == "train" else "eval_ways"
-                other = (f", or train for {data_ways}-way episodes with --model.ways {data_ways} --data.train_ways "
-                         f"{data_ways} --data.eval_ways {data_ways}" if data_ways >= 2 else "")
-                raise ValueError(f"data.{key}={data_ways} but {type(self).__name__}'s head has model.ways={ways} "
-                                 f"outputs, and one head serves every stage: set --data.{key} {ways}{other}.")
+                other = (f", or train for {data_ways}-way episodes with --model.ways {data_ways} "
+                         f"--data.episodes.train_ways {data_ways} --data.episodes.eval_ways {data_ways}"
+                         if data_ways >= 2 else "")
+                raise ValueError(f"data.episodes.{key}={data_ways} but {type(self).__name__}'s head has "
+                                 f"model.ways={ways} outputs, and one head serves every stage: set "
+                                 f"--data.episodes.{key} {ways}{other}.")
 
     def on_fit_start(self) -> None:
         self._check_episode_ways(("train", "val"))
@@ -217,7 +219,8 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
                 losses = torch.cat(gathered)
         if matrix.shape[0] != len(self.meta_balancer.tasks):
             raise ValueError(f"a training meta-batch of {matrix.shape[0]} episodes (all processes) but meta_balancer "
-                             f"was built for {len(self.meta_balancer.tasks)}; keep data.meta_batch_size fixed.")
+                             f"was built for {len(self.meta_balancer.tasks)}; keep data.episodes.meta_batch_size "
+                             f"fixed.")
         with torch.autocast(self.device.type, enabled=False):
             if matrix.dtype in (torch.float16, torch.bfloat16):  # aggregated in float32 at least
                 matrix, losses = matrix.float(), None if losses is None else losses.float()

@@ -214,8 +214,8 @@ class GradientLearner(EpisodicModule):
         if episode.ways != self.ways:
             raise ValueError(
                 f"episodes are {episode.ways}-way but the {type(self).__name__} head has {self.ways} outputs; give "
-                f"the model and every stage of the datamodule the same ways (--model.ways, --data.train_ways, "
-                f"--data.eval_ways)."
+                f"the model and every stage of the datamodule the same ways (--model.ways, --data.episodes.train_ways, "
+                f"--data.episodes.eval_ways)."
             )
         if tuple(episode.support_x.shape[-3:]) != self.image_shape:
             raise ValueError(

@@ -175,7 +175,7 @@ class EmbeddingBaseline(EpisodicModule):
         if not isinstance(batch, LabelledBatch):
             raise TypeError(f"EmbeddingBaseline trains on LabelledBatch(x, y) batches of all training classes, got "
                             f"{type(batch).__name__}; set the datamodule's train_mode to 'classes' "
-                            f"(--data.train_mode classes).")
+                            f"(--data.episodes.train_mode classes).")
         if self.head is None:
             raise RuntimeError("EmbeddingBaseline has no classifier: pass num_classes or train through a Trainer "
                                "whose datamodule has num_train_classes.")
