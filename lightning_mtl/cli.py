@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
+from lightning_mtl.history import MetricsHistory
 from lightning_mtl.progress import IntervalBar, LineProgress
 
 
@@ -658,7 +659,22 @@ class RecipeCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(IntervalBar() if sys.stdout.isatty()
                              else LineProgress(every_n_steps=config.get("log_every_n_steps") or 50))
-        return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
+        return super()._instantiate_trainer({**config, "plugins": plugins, "logger": self._with_history(config, given)},
+                                            callbacks)
+
+    def _with_history(self, config: dict, callbacks: list):
+        """The configured logger(s) plus, for ``fit``, :class:`~lightning_mtl.history.MetricsHistory` writing
+        ``metrics.jsonl`` into the run's checkpoint folder (appending when the fit resumes from a checkpoint)."""
+        logger = config.get("logger")
+        checkpoint = next((c for c in callbacks if isinstance(c, RecipeCheckpoint)), None)
+        if self.subcommand != "fit" or config.get("fast_dev_run") or checkpoint is None or not checkpoint.dirpath:
+            return logger
+        if logger is True:  # Lightning's own default logger keeps its folder; no history beside it
+            return logger
+        resumed = getattr(self.config.get(self.subcommand), "ckpt_path", None) is not None
+        history = MetricsHistory(checkpoint.dirpath, append=resumed)
+        loggers = [] if logger in (None, False) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        return [*loggers, history]
 
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]

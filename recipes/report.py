@@ -4,14 +4,23 @@
     python recipes/report.py runs/ --out /tmp/results.md --figures /tmp/figures
 
 A run is a folder holding ``test_metrics.json`` (written by ``test``) beside its ``checkpoints/`` (``config.yaml``,
-the resolved configuration, and ``run.json``, the record of the fit: command, hardware, precision, torch threads,
-commit, steps, wall time). Runs are grouped by their parent folder (``runs/<dataset>/<config>``); a group is
-multi-task when its metrics carry directions (``higher_is_better``), few-shot when they hold ``test/acc``.
+the resolved configuration; ``run.json``, the record of the fit: command, hardware, precision, torch threads, commit,
+steps, wall time; ``metrics.jsonl``, the metric history of the fit: :mod:`lightning_mtl.history`). Runs are grouped by
+their parent folder (``runs/<dataset>/<config>``); a group is multi-task when its metrics carry directions
+(``higher_is_better``), few-shot when they hold ``test/acc``.
 
 * multi-task groups: mean test error over the tasks (``1 - accuracy`` of every ``<task>/acc``) and Δm% against the
-  group's ``single_task*`` run on the tasks the run has (Maninis et al. 2019, every metric once, positive = better;
-  ``recipes/delta_m.py``); figures ``<group>_per_task_error.png`` and ``<group>_delta_m.png``;
-* few-shot groups: test accuracy ± 95% CI over the fixed test episodes; figure ``<group>_accuracy.png``.
+  group's ``single_task*`` run on every metric the two share (Maninis et al. 2019, every metric once, positive =
+  better; ``recipes/delta_m.py``); figures ``<group>_per_task_error.png`` and ``<group>_delta_m.png``;
+* two-task groups with fixed-weight runs (``FixedWeighting``, e.g. ``recipes/sweep.py``'s Pareto sweep): the Pareto
+  front, ``<group>_pareto.png``: test error of one task against the other, the fixed-weight runs as the reference
+  curve and every other run as a labelled point;
+* task-gradient conflict, where the runs logged ``diag/*`` (``diagnostics_every``; a ``meta_balancer``'s episode
+  gradients too): the mean cosine over training per run (table column and ``<group>_conflict.png``) and the K x K
+  cosine heatmap at the end of training (``<group>_<run>_heatmap.png``, at most 8 tasks);
+* few-shot groups: test accuracy ± 95% CI over the fixed test episodes (and the worst task family's accuracy where
+  the episodes carry families), ``<group>_accuracy.png``; validation accuracy against training time per run,
+  ``<group>_val_curve.png``.
 
 Every number in the tables comes from the files of a run; nothing is typed by hand. Runs made before ``run.json``
 existed show the steps of their last checkpoint and "-" where the record is missing.
@@ -30,6 +39,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from delta_m import delta_m  # noqa: E402
 
+from lightning_mtl.history import read_history  # noqa: E402
+
 
 @dataclass
 class Run:
@@ -41,6 +52,8 @@ class Run:
     config: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
 
+    history: list[dict] = field(default_factory=list)
+
     @property
     def multitask(self) -> bool:
         return bool(self.metrics.get("higher_is_better"))
@@ -49,6 +62,22 @@ class Run:
         """``task → test accuracy`` of a multi-task run."""
         return {k[len("test/"):-len("/acc")]: float(v) for k, v in self.metrics.items()
                 if k.startswith("test/") and k.endswith("/acc") and k.count("/") == 2}
+
+    def fixed_weights(self) -> list[float] | None:
+        """The task weights of a ``FixedWeighting`` run (``None`` for any other balancer)."""
+        balancer = ((self.config.get("model") or {}).get("init_args") or {}).get("balancer")
+        if isinstance(balancer, dict) and str(balancer.get("class_path", "")).endswith("FixedWeighting"):
+            weights = (balancer.get("init_args") or {}).get("weights")
+            return None if weights is None else [float(w) for w in weights]
+        return None
+
+    def conflict(self) -> tuple[float | None, dict[str, float]]:
+        """Mean ``diag/cos_mean`` over the fit's logged diagnostics, and the last row's ``cos/<a>|<b>`` values."""
+        rows = [r for r in self.history if "diag/cos_mean" in r]
+        if not rows:
+            return None, {}
+        last = {k[len("diag/"):]: v for k, v in rows[-1].items() if k.startswith("diag/cos/")}
+        return sum(r["diag/cos_mean"] for r in rows) / len(rows), last
 
     def describe(self) -> str:
         """The model in a few words: class, architecture, balancer (from the resolved configuration)."""
@@ -81,26 +110,39 @@ def find_runs(root: str | Path) -> list[Run]:
 
             state = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
             record = {**record, "global_step": int(state.get("global_step", 0)), "from_checkpoint": True}
-        group = folder.parent.relative_to(root).as_posix() if folder.parent != Path(root) else "."
-        runs.append(Run(group, folder.name, json.loads(metrics_file.read_text()), config, record))
+        # runs directly under root (a sweep's folder) form the group named after it
+        group = folder.parent.relative_to(root).as_posix() if folder.parent != Path(root) else Path(root).resolve().name
+        history = read_history(folder / "checkpoints" / "metrics.jsonl")
+        runs.append(Run(group, folder.name, json.loads(metrics_file.read_text()), config, record, history))
     return sorted(runs, key=lambda r: (r.group, r.name))
 
 
+def directional_metrics(run: Run) -> tuple[dict[str, float], dict[str, bool]]:
+    """``<task>/<metric>`` → test value and → higher-is-better, for every metric whose direction the run states."""
+    directions = {str(k): bool(v) for k, v in (run.metrics.get("higher_is_better") or {}).items()}
+    values = {k: float(run.metrics[f"test/{k}"]) for k in directions if f"test/{k}" in run.metrics}
+    return values, {k: directions[k] for k in values}
+
+
 def multitask_rows(runs: list[Run]) -> list[dict]:
-    """Per run: tasks, mean test error, Δm% vs the group's single-task run (on the run's own tasks)."""
+    """Per run: tasks, mean test error over its accuracy tasks, Δm% vs the group's single-task run on every metric
+    the run has (when the single-task run has them all), mean task-gradient cosine over training."""
     baseline = next((r for r in runs if r.name.startswith("single_task")), None)
+    base_values = directional_metrics(baseline)[0] if baseline is not None else {}
     rows = []
     for run in runs:
         acc = run.accuracies()
-        row = {"run": run, "tasks": len(acc), "error": 100 * (1 - sum(acc.values()) / len(acc)) if acc else None,
-               "delta_m": None, "baseline_error": None}
-        if baseline is not None and acc:
-            base = baseline.accuracies()
-            if set(acc) <= set(base):
-                directions = {f"{t}/acc": True for t in acc}
-                row["delta_m"] = delta_m({f"{t}/acc": acc[t] for t in acc}, {f"{t}/acc": base[t] for t in acc},
-                                         directions)
-                row["baseline_error"] = 100 * (1 - sum(base[t] for t in acc) / len(acc))
+        values, directions = directional_metrics(run)
+        tasks = {k.split("/")[0] for k in values} or set(acc)
+        row = {"run": run, "tasks": len(tasks), "error": 100 * (1 - sum(acc.values()) / len(acc)) if acc else None,
+               "delta_m": None, "baseline_error": None, "cos_mean": run.conflict()[0]}
+        if values and set(values) <= set(base_values):
+            try:
+                row["delta_m"] = delta_m(values, {k: base_values[k] for k in values}, directions)
+            except ValueError:  # a zero or non-finite baseline value: Δm% is undefined
+                row["delta_m"] = None
+            if acc and all(f"{t}/acc" in base_values for t in acc):
+                row["baseline_error"] = 100 * (1 - sum(base_values[f"{t}/acc"] for t in acc) / len(acc))
         rows.append(row)
     return rows
 
@@ -115,13 +157,18 @@ def _fit_cells(run: Run) -> tuple[str, str, str]:
     return steps, fit, precision
 
 
-def multitask_figures(group: str, rows: list[dict]):
-    """Per-task test error of every run, and Δm% per run: two matplotlib figures."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def multitask_figures(group: str, rows: list[dict]):
+    """Per-task test error of every run, and Δm% per run: two matplotlib figures."""
+    plt = _pyplot()
     tasks = sorted({t for row in rows for t in row["run"].accuracies()})
     per_task, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(tasks) * len(rows) / 2), 4))
     width = 0.8 / max(len(rows), 1)
@@ -148,13 +195,73 @@ def multitask_figures(group: str, rows: list[dict]):
     return per_task, bars
 
 
+def pareto_tasks(runs: list[Run]) -> list[str] | None:
+    """The two tasks of a group that has a Pareto front to draw (two accuracy tasks, two or more fixed-weight runs)."""
+    tasks = sorted({t for r in runs for t in r.accuracies()})
+    fixed = [r for r in runs if r.fixed_weights() is not None and set(r.accuracies()) == set(tasks)]
+    return tasks if len(tasks) == 2 and len(fixed) >= 2 else None
+
+
+def pareto_figure(group: str, runs: list[Run], tasks: list[str]):
+    """Test error of ``tasks[0]`` against ``tasks[1]``: the fixed-weight runs joined in the order of the first task's
+    weight share (the reference front), every other run with both tasks as a labelled point."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 5))
+    errors = {r.name: [100 * (1 - r.accuracies()[t]) for t in tasks] for r in runs if set(r.accuracies()) == set(tasks)}
+    fixed = sorted((r for r in runs if r.fixed_weights() is not None and r.name in errors),
+                   key=lambda r: r.fixed_weights()[0] / sum(r.fixed_weights()))
+    ax.plot([errors[r.name][0] for r in fixed], [errors[r.name][1] for r in fixed], "o--", color="gray",
+            label="fixed weights")
+    for r in fixed:
+        w = r.fixed_weights()
+        ax.annotate(f"{w[0] / sum(w):.2f}", errors[r.name], textcoords="offset points", xytext=(4, -10), fontsize=7,
+                    color="gray")
+    for r in runs:
+        if r.fixed_weights() is None and r.name in errors:
+            ax.plot(*errors[r.name], "o", label=r.name)
+    ax.set_xlabel(f"{tasks[0]} test error (%)")
+    ax.set_ylabel(f"{tasks[1]} test error (%)")
+    ax.set_title(f"{group}: Pareto front")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def conflict_figure(group: str, runs: list[Run]):
+    """Mean pairwise task-gradient cosine (``diag/cos_mean``) against the training step, one line per run."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        rows = [row for row in r.history if "diag/cos_mean" in row]
+        if rows:
+            ax.plot([row["step"] for row in rows], [row["diag/cos_mean"] for row in rows], label=r.name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean task-gradient cosine")
+    ax.set_title(f"{group}: gradient conflict")
+    ax.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def heatmap_figure(group: str, run: Run):
+    """The K x K task-gradient cosines of the fit's last diagnostics (drawn by
+    :func:`lightning_mtl.figures.conflict_heatmap`)."""
+    from lightning_mtl.figures import conflict_heatmap
+
+    _, last = run.conflict()
+    tasks: list[str] = []  # in the order of the pairs (0|1, 0|2, ..., 1|2, ...): the model's task order
+    for pair in last:
+        tasks += [t for t in pair[len("cos/"):].split("|") if t not in tasks]
+    step = next(row["step"] for row in reversed(run.history) if "diag/cos_mean" in row)
+    figure = conflict_heatmap(last, tasks, step)
+    figure.axes[0].set_title(f"{group}/{run.name}: task-gradient cosine, step {step}")
+    return figure
+
+
 def fewshot_figure(group: str, runs: list[Run]):
     """Test accuracy ± 95% CI of every run: a matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6, 4))
     names = [r.name for r in runs]
     ax.errorbar(names, [100 * r.metrics["test/acc"] for r in runs],
@@ -167,57 +274,106 @@ def fewshot_figure(group: str, runs: list[Run]):
     return figure
 
 
-def report(root: str | Path, out: str | Path, figures: str | Path | None) -> dict[str, list]:
-    """Write the tables to ``out`` and the figures (PNG) into ``figures``; returns ``{group: [figures]}``."""
+def val_curve_figure(group: str, runs: list[Run]):
+    """Validation accuracy against the fit's wall-clock time, one line per run (from ``metrics.jsonl``)."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        rows = [row for row in r.history if "val/acc" in row]
+        if rows:
+            ax.plot([row["seconds"] / 60 for row in rows], [100 * row["val/acc"] for row in rows], "o-",
+                    markersize=3, label=r.name)
+    ax.set_xlabel("training time (min)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{group}: validation accuracy against time")
+    ax.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value if round(value, 2) else 0.0, spec)
+
+
+def multitask_table(runs: list[Run], rows: list[dict]) -> list[str]:
+    conflict = any(row["cos_mean"] is not None for row in rows)
+    header = ("| run | model | tasks | mean test error | single-task on the same tasks | Δm% | steps | fit time "
+              "| precision | hardware | commit |" + (" mean gradient cosine |" if conflict else ""))
+    lines = [header, "|" + "---|" * (12 if conflict else 11)]
+    for row in rows:
+        run = row["run"]
+        steps, fit, precision = _fit_cells(run)
+        line = (f"| `{run.name}` | {run.describe()} | {row['tasks']} | {_fmt(row['error'], '.2f')}% | "
+                f"{_fmt(row['baseline_error'], '.2f')}% | {_fmt(row['delta_m'], '+.2f')} | {steps} | {fit} "
+                f"| {precision} | {run.record.get('hardware', '-')} | {run.record.get('commit', '-')} |")
+        lines.append(line + (f" {_fmt(row['cos_mean'], '+.3f')} |" if conflict else ""))
+    commands = [f"    {r.record['command']}" for r in runs if r.record.get("command")]
+    return lines + (["", "Commands:", "", *commands] if commands else [])
+
+
+def fewshot_table(runs: list[Run]) -> list[str]:
+    families = any("test/worst_family_acc" in r.metrics for r in runs)
+    lines = ["| run | model | test accuracy | 95% CI | episodes | steps | fit time | precision | hardware | commit |"
+             + (" worst family |" if families else ""), "|" + "---|" * (11 if families else 10)]
+    for run in runs:
+        steps, fit, precision = _fit_cells(run)
+        line = (f"| `{run.name}` | {run.describe()} | {100 * run.metrics['test/acc']:.2f}% | "
+                f"± {100 * run.metrics.get('test/acc_ci95', 0.0):.2f}% | {int(run.metrics.get('test/episodes', 0))} | "
+                f"{steps} | {fit} | {precision} | {run.record.get('hardware', '-')} | "
+                f"{run.record.get('commit', '-')} |")
+        worst = run.metrics.get("test/worst_family_acc")
+        lines.append(line + ((f" {100 * worst:.2f}% |" if worst is not None else " - |") if families else ""))
+    commands = [f"    {r.record['command']}" for r in runs if r.record.get("command")]
+    return lines + (["", "Commands:", "", *commands] if commands else [])
+
+
+def report(root: str | Path, out: str | Path, figures: str | Path | None) -> dict[str, dict]:
+    """Write the tables to ``out`` and the figures (PNG) into ``figures``; returns ``{group: {kind: figure}}``
+    (kinds: ``per_task_error``, ``delta_m``, ``pareto``, ``conflict``, ``<run>_heatmap``, ``accuracy``,
+    ``val_curve``)."""
     runs = find_runs(root)
     if not runs:
         raise FileNotFoundError(f"no run with a test_metrics.json under {root}; run `fit` then `test` first.")
     out = Path(out)
     figure_dir = Path(figures) if figures is not None else None
     lines = ["# Results", "", f"Generated by `python recipes/report.py {Path(root).as_posix()}` from the runs' own "
-             "files (`test_metrics.json`, `checkpoints/config.yaml`, `checkpoints/run.json`); do not edit by hand. "
-             "Steps marked * are those of the run's last checkpoint (a run without `run.json`).", ""]
-    made: dict[str, list] = {}
+             "files (`test_metrics.json`, `checkpoints/config.yaml`, `checkpoints/run.json`, "
+             "`checkpoints/metrics.jsonl`); do not edit by hand. Steps marked * are those of the run's last checkpoint "
+             "(a run without `run.json`).", ""]
+    made: dict[str, dict] = {}
     for group in sorted({r.group for r in runs}):
         members = [r for r in runs if r.group == group]
         lines += [f"## {group}", ""]
         multitask = [r for r in members if r.multitask]
         fewshot = [r for r in members if not r.multitask and "test/acc" in r.metrics]
+        figs: dict = {}
         if multitask:
             rows = multitask_rows(multitask)
-            lines += ["| run | model | tasks | mean test error | single-task on the same tasks | Δm% | steps "
-                      "| fit time | precision | hardware | commit |", "|" + "---|" * 11]
-            for row in rows:
-                run = row["run"]
-                steps, fit, precision = _fit_cells(run)
-                fmt = lambda v, spec: "-" if v is None else format(v if round(v, 2) else 0.0, spec)  # noqa: E731
-                lines.append(f"| `{run.name}` | {run.describe()} | {row['tasks']} | {fmt(row['error'], '.2f')}% | "
-                             f"{fmt(row['baseline_error'], '.2f')}% | {fmt(row['delta_m'], '+.2f')} | {steps} | {fit} "
-                             f"| {precision} | {run.record.get('hardware', '-')} | {run.record.get('commit', '-')} |")
-            commands = [f"    {r.record['command']}" for r in multitask if r.record.get("command")]
-            if commands:
-                lines += ["", "Commands:", "", *commands]
-            if figure_dir is not None:
-                made[group] = list(multitask_figures(group, rows))
+            lines += multitask_table(multitask, rows)
+            figs["per_task_error"], figs["delta_m"] = multitask_figures(group, rows)
+            if (tasks := pareto_tasks(multitask)) is not None:
+                figs["pareto"] = pareto_figure(group, multitask, tasks)
         if fewshot:
-            lines += ["", "| run | model | test accuracy | 95% CI | episodes | steps | fit time | precision "
-                      "| hardware | commit |", "|" + "---|" * 10]
-            for run in fewshot:
-                steps, fit, precision = _fit_cells(run)
-                lines.append(f"| `{run.name}` | {run.describe()} | {100 * run.metrics['test/acc']:.2f}% | "
-                             f"± {100 * run.metrics.get('test/acc_ci95', 0.0):.2f}% | "
-                             f"{int(run.metrics.get('test/episodes', 0))} | {steps} | {fit} | {precision} | "
-                             f"{run.record.get('hardware', '-')} | {run.record.get('commit', '-')} |")
-            if figure_dir is not None:
-                made.setdefault(group, []).append(fewshot_figure(group, fewshot))
+            lines += ["", *fewshot_table(fewshot)]
+            figs["accuracy"] = fewshot_figure(group, fewshot)
+            if any("val/acc" in row for r in fewshot for row in r.history):
+                figs["val_curve"] = val_curve_figure(group, fewshot)
+        if any(r.conflict()[0] is not None for r in members):
+            figs["conflict"] = conflict_figure(group, members)
+            for r in members:
+                if r.conflict()[1]:
+                    figs[f"{r.name}_heatmap"] = heatmap_figure(group, r)
         lines.append("")
+        if figure_dir is not None:
+            made[group] = figs
+        else:
+            for fig in figs.values():
+                _pyplot().close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     if figure_dir is not None:
         figure_dir.mkdir(parents=True, exist_ok=True)
         for group, figs in made.items():
-            for fig in figs:
-                kind = {"per-task test error": "per_task_error", "Δm%": "delta_m",
-                        "few-shot test accuracy": "accuracy"}[fig.axes[0].get_title().split(": ", 1)[1]]
+            for kind, fig in figs.items():
                 path = figure_dir / f"{group.replace('/', '_')}_{kind}.png"
                 fig.savefig(path, dpi=120)
                 try:
@@ -230,7 +386,7 @@ def report(root: str | Path, out: str | Path, figures: str | Path | None) -> dic
     return made
 
 
-def main(argv: list[str] | None = None) -> dict[str, list]:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", help="the runs folder (e.g. runs/)")

@@ -17,7 +17,8 @@ sys.modules[spec.name] = report  # its dataclass looks its module up
 spec.loader.exec_module(report)
 
 
-def write_run(root: Path, group: str, name: str, metrics: dict, model: dict, record: dict | None = None) -> None:
+def write_run(root: Path, group: str, name: str, metrics: dict, model: dict, record: dict | None = None,
+              history: list[dict] | None = None) -> None:
     folder = root / group / name
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "test_metrics.json").write_text(json.dumps(metrics))
@@ -25,6 +26,8 @@ def write_run(root: Path, group: str, name: str, metrics: dict, model: dict, rec
     (folder / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(config))
     if record is not None:
         (folder / "checkpoints" / "run.json").write_text(json.dumps(record))
+    if history is not None:
+        (folder / "checkpoints" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
 
 
 def mtl_metrics(acc: dict[str, float]) -> dict:
@@ -50,6 +53,89 @@ def runs(tmp_path) -> Path:
     return root
 
 
+def mtl_model(balancer) -> dict:
+    return {"class_path": "lightning_mtl.mtl.MultiTaskModule",
+            "init_args": {"architecture": {"class_path": "lightning_mtl.mtl.architectures.HardSharing"},
+                          "balancer": balancer}}
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """A two-task sweep: three fixed-weight runs, two methods with conflict diagnostics, a single-task run."""
+    root = tmp_path / "runs"
+    fixed = lambda w: {"class_path": "lightning_mtl.mtl.balancing.FixedWeighting",  # noqa: E731
+                       "init_args": {"weights": w}}
+    for name, w, acc in (("fixed_0.2", [0.4, 1.6], (0.90, 0.96)), ("fixed_0.5", [1.0, 1.0], (0.94, 0.94)),
+                         ("fixed_0.8", [1.6, 0.4], (0.96, 0.89))):
+        write_run(root, "pareto", name, mtl_metrics({"left": acc[0], "right": acc[1]}), mtl_model(fixed(w)))
+    diag = lambda step, c: {"step": step, "seconds": step / 10, "diag/cos_mean": c,  # noqa: E731
+                            "diag/cos/left|right": c, "diag/conflict_frac": float(c < 0)}
+    write_run(root, "pareto", "pcgrad", mtl_metrics({"left": 0.95, "right": 0.95}), mtl_model("pcgrad"),
+              history=[diag(100, -0.2), {"step": 150, "seconds": 15.0, "train/loss": 1.0}, diag(200, 0.4)])
+    write_run(root, "pareto", "upgrad", mtl_metrics({"left": 0.93, "right": 0.97}), mtl_model("upgrad"),
+              history=[diag(100, 0.0), diag(200, 0.2)])
+    write_run(root, "pareto", "single_task", mtl_metrics({"left": 0.95, "right": 0.95}), mtl_model("equal"))
+    curve = [{"step": 500, "seconds": 60.0, "val/acc": 0.90}, {"step": 1000, "seconds": 120.0, "val/acc": 0.93}]
+    write_run(root, "alphabets_fewshot", "tr_maml", {"test/acc": 0.9, "test/acc_ci95": 0.01, "test/episodes": 100,
+                                                     "test/worst_family_acc": 0.7},
+              {"class_path": "lightning_mtl.meta.TRMAML"}, history=curve)
+    write_run(root, "alphabets_fewshot", "maml", {"test/acc": 0.92, "test/acc_ci95": 0.01, "test/episodes": 100},
+              {"class_path": "lightning_mtl.meta.MAML"}, history=curve[:1])
+    return root
+
+
+def test_pareto_front_conflict_and_curves_from_a_sweep(sweep, tmp_path):
+    made = report.report(sweep, tmp_path / "results.md", tmp_path / "figures")
+    text = (tmp_path / "results.md").read_text()
+    assert set(made["pareto"]) == {"per_task_error", "delta_m", "pareto", "conflict", "pcgrad_heatmap",
+                                   "upgrad_heatmap"}
+    pareto = made["pareto"]["pareto"].axes[0]
+    assert (pareto.get_xlabel(), pareto.get_ylabel()) == ("left test error (%)", "right test error (%)")
+    front = pareto.lines[0]  # the fixed-weight runs in the order of the left task's weight share
+    assert front.get_label() == "fixed weights"
+    assert list(front.get_xdata()) == pytest.approx([10.0, 6.0, 4.0])
+    assert list(front.get_ydata()) == pytest.approx([4.0, 6.0, 11.0])
+    assert [t.get_text() for t in pareto.texts] == ["0.20", "0.50", "0.80"]
+    points = {line.get_label(): (line.get_xdata()[0], line.get_ydata()[0]) for line in pareto.lines[1:]}
+    assert points == {"pcgrad": pytest.approx((5.0, 5.0)), "single_task": pytest.approx((5.0, 5.0)),
+                      "upgrad": pytest.approx((7.0, 3.0))}
+    # mean cosine over the logged diagnostics: pcgrad (-0.2 + 0.4) / 2, upgrad (0 + 0.2) / 2; none elsewhere
+    assert text.count("mean gradient cosine |") == 1
+    for name in ("pcgrad", "upgrad"):
+        assert (f"| `{name}` | MultiTaskModule, HardSharing, {name} | 2 | 5.00% | 5.00% | +0.00 | - | - | 32 | - | - "
+                f"| +0.100 |") in text
+    assert "| `fixed_0.2` | MultiTaskModule, HardSharing, FixedWeighting | 2 | 7.00% | 5.00% |" in text
+    conflict = made["pareto"]["conflict"].axes[0]
+    assert [line.get_label() for line in conflict.lines if not line.get_label().startswith("_")] == ["pcgrad",
+                                                                                                    "upgrad"]
+    assert list(conflict.lines[0].get_xdata()) == [100, 200]
+    heatmap = made["pareto"]["pcgrad_heatmap"].axes[0]
+    assert heatmap.get_title() == "pareto/pcgrad: task-gradient cosine, step 200"
+    assert heatmap.images[0].get_array().flatten().tolist() == pytest.approx([1.0, 0.4, 0.4, 1.0])
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == ["left", "right"]
+    # few-shot: the worst family's column, "-" where a run has no families, and the validation curves
+    assert "| `tr_maml` | TRMAML | 90.00% | ± 1.00% | 100 | - | - | 32 | - | - | 70.00% |" in text
+    assert "| `maml` | MAML | 92.00% | ± 1.00% | 100 | - | - | 32 | - | - | - |" in text
+    curve = made["alphabets_fewshot"]["val_curve"].axes[0]
+    assert curve.get_xlabel() == "training time (min)" and curve.get_ylabel() == "validation accuracy (%)"
+    assert [list(line.get_ydata()) for line in curve.lines] == [pytest.approx([90.0]), pytest.approx([90.0, 93.0])]
+    for group, kinds in made.items():
+        for kind in kinds:
+            assert (tmp_path / "figures" / f"{group}_{kind}.png").stat().st_size > 1000
+
+
+def test_dense_groups_score_every_metric_with_its_direction(tmp_path):
+    root = tmp_path / "runs"
+    metrics = lambda acc, mae: {"test/cls/acc": acc, "test/depth/mae": mae,  # noqa: E731
+                                "higher_is_better": {"cls/acc": True, "depth/mae": False}}
+    write_run(root, "dense", "single_task", metrics(0.5, 0.2), mtl_model("equal"))
+    write_run(root, "dense", "mtan", metrics(0.55, 0.3), mtl_model("equal"))
+    report.report(root, tmp_path / "results.md", None)
+    # Δm = 100 / 2 * ((0.55 - 0.5) / 0.5 - (0.3 - 0.2) / 0.2) = 100 / 2 * (0.1 - 0.5) = -20.00; error of cls only
+    assert "| `mtan` | MultiTaskModule, HardSharing, equal | 2 | 45.00% | 50.00% | -20.00 |" in (
+        tmp_path / "results.md").read_text()
+
+
 def test_tables_are_computed_from_the_runs(runs, tmp_path):
     out = tmp_path / "docs" / "results.md"
     report.report(runs, out, tmp_path / "docs" / "figures")
@@ -69,7 +155,8 @@ def test_tables_are_computed_from_the_runs(runs, tmp_path):
 
 def test_figures_have_the_expected_axes_and_series(runs, tmp_path):
     made = report.report(runs, tmp_path / "results.md", tmp_path / "figures")
-    per_task, delta, accuracy = (fig.axes[0] for fig in (*made["alphabets"], *made["omniglot"]))
+    assert set(made["alphabets"]) == {"per_task_error", "delta_m"} and set(made["omniglot"]) == {"accuracy"}
+    per_task, delta, accuracy = (fig.axes[0] for fig in (*made["alphabets"].values(), *made["omniglot"].values()))
     assert per_task.get_ylabel() == "test error (%)" and per_task.get_xlabel() == "task"
     assert [t.get_text() for t in per_task.get_legend().get_texts()] == ["hps_quick", "single_task_quick",
                                                                         "subset_quick"]
