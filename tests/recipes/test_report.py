@@ -174,3 +174,20 @@ def test_figures_have_the_expected_axes_and_series(runs, tmp_path):
 def test_an_empty_runs_folder_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `fit` then `test` first"):
         report.report(tmp_path, tmp_path / "results.md", None)
+
+
+def test_readme_summary_block_is_replaced_and_the_rest_kept(sweep, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- report:summary -->\nold\n<!-- /report:summary -->\n\nafter\n")
+    report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# title\n\n<!-- report:summary -->\n")
+    assert text.endswith("<!-- /report:summary -->\n\nafter\n")
+    assert "old" not in text
+    # the best Δm% of the two-task group: fixed_0.2 = 100 / 2 (-0.05 / 0.95 + 0.01 / 0.95) = -2.11; upgrad and
+    # pcgrad 0.00 (the first of equals), against a single-task mean error of 5.00%
+    assert "| `pareto` (6) | 2 | 5.00% | `pcgrad` | +0.00 | - |" in text
+    assert "| `alphabets_fewshot/tr_maml` | TRMAML | 90.00% ± 1.00% | 70.00% | - | - | - |" in text
+    readme.write_text("# no block\n")
+    with pytest.raises(ValueError, match="has no <!-- report:summary -->"):
+        report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--readme", str(readme)])
