@@ -107,8 +107,8 @@ class MetaOptNet(EpisodicModule):
         solver_tol: residual at which a QP stops iterating (see :func:`~lightning_mtl.meta.qp.solve_qp`); 0 always
             runs all iterations and never synchronises the device.
         label_smoothing: training loss with smoothed targets as the official code's ``--eps`` (the true class gets
-            ``1 - eps``, every other ``eps / (ways - 1)``; the README uses 0.1 on Mini-ImageNet); validation and test
-            losses stay plain cross-entropy.
+            ``1 - eps``, every other ``eps / (ways - 1)``; the official README uses 0.1 on Mini-ImageNet); validation
+            and test losses stay plain cross-entropy.
         optimizer: optimizer factory; default Adam, lr 1e-3 (the paper: SGD, see the Mini-ImageNet recipe).
         lr_scheduler: scheduler factory, stepped every meta-batch.
         meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,

@@ -45,7 +45,8 @@ the median ms/step of each is reported. ``ours/torchjd`` divides our time by tor
 compares whole steps: ours includes Lightning's loop and the module's checks (target range, finiteness), torchjd's
 and LibMTL's are bare loops, and at ``level="representation"`` ours aggregates a different matrix (task gradients
 w.r.t. the shared representation) than torchjd (the Jacobian w.r.t. the shared parameters, from one vmapped backward).
-On CPUs shared with other jobs pass ``--threads 1``: OpenMP threads spin-waiting for a busy core can slow a step 50x.
+On CPUs shared with other jobs pass ``--threads 1``: OpenMP threads spin-waiting for a busy core can slow a step many
+times over.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every recipe family under {1 process, 2-process gloo DDP} x {32, bf16-mixed} on CPU, on the same global batches.
 
-Documented equivalences (README, Guarantees):
+Documented equivalences (docs/guarantees.md):
 
 * fp32: two DDP processes, each on its half of every global batch, end with the parameters of one process on the
   whole batches (within 1e-5; measured <= 1e-6) for ProtoNet, second-order MAML, Reptile, multi-task loss

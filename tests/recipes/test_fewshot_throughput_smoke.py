@@ -1,5 +1,5 @@
 """The few-shot throughput benchmark (recipes/benchmarks/fewshot_throughput.py) runs end to end with its learn2learn
-peers, so the README's comparison cannot rot. Not a timing gate: a few steps, random images."""
+peers, so the comparison in docs/benchmarks.md cannot rot. Not a timing gate: a few steps, random images."""
 
 from __future__ import annotations
 
