@@ -187,7 +187,7 @@ def test_readme_summary_block_is_replaced_and_the_rest_kept(sweep, tmp_path):
     # the best Δm% of the two-task group: fixed_0.2 = 100 / 2 (-0.05 / 0.95 + 0.01 / 0.95) = -2.11; upgrad and
     # pcgrad 0.00 (the first of equals), against a single-task mean error of 5.00%
     assert "| `pareto` (6) | 2 | 5.00% | `pcgrad` | +0.00 | - |" in text
-    assert "| `alphabets_fewshot/tr_maml` | TRMAML | 90.00% ± 1.00% | 70.00% | - | - | - |" in text
+    assert "| `alphabets_fewshot` (2) | `maml` | MAML | 92.00% ± 1.00% | - | - | - | - |" in text
     readme.write_text("# no block\n")
     with pytest.raises(ValueError, match="has no <!-- report:summary -->"):
         report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--readme", str(readme)])
