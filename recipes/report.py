@@ -312,10 +312,28 @@ def multitask_table(runs: list[Run], rows: list[dict]) -> list[str]:
     return lines + (["", "Commands:", "", *commands] if commands else [])
 
 
+def against_base(run: Run, runs: list[Run]) -> str | None:
+    """A variant ``<base>-<change>`` (e.g. ``maml-pcgrad``, the folder a recipe gives another model or balancer on
+    a config) against its base run ``<base>`` of the same group: the accuracy difference in points and whether it
+    exceeds the two 95% intervals together (``None`` when the group has no such base run)."""
+    if "-" not in run.name:
+        return None
+    base = next((r for r in runs if r.name == run.name.rsplit("-", 1)[0]), None)
+    if base is None:
+        return None
+    diff = 100 * (run.metrics["test/acc"] - base.metrics["test/acc"])
+    ci = 100 * (run.metrics.get("test/acc_ci95", 0.0) ** 2 + base.metrics.get("test/acc_ci95", 0.0) ** 2) ** 0.5
+    verdict = "within the intervals" if abs(diff) <= ci else ("better" if diff > 0 else "worse")
+    return f"{diff:+.2f} pt vs `{base.name}`, {verdict}"
+
+
 def fewshot_table(runs: list[Run]) -> list[str]:
     families = any("test/worst_family_acc" in r.metrics for r in runs)
+    variants = {r.name: against_base(r, runs) for r in runs}
+    compared = any(v is not None for v in variants.values())
     lines = ["| run | model | test accuracy | 95% CI | episodes | steps | fit time | precision | hardware | commit |"
-             + (" worst family |" if families else ""), "|" + "---|" * (11 if families else 10)]
+             + (" worst family |" if families else "") + (" against its base run |" if compared else ""),
+             "|" + "---|" * (10 + families + compared)]
     for run in runs:
         steps, fit, precision = _fit_cells(run)
         line = (f"| `{run.name}` | {run.describe()} | {100 * run.metrics['test/acc']:.2f}% | "
@@ -323,7 +341,8 @@ def fewshot_table(runs: list[Run]) -> list[str]:
                 f"{steps} | {fit} | {precision} | {run.record.get('hardware', '-')} | "
                 f"{run.record.get('commit', '-')} |")
         worst = run.metrics.get("test/worst_family_acc")
-        lines.append(line + ((f" {100 * worst:.2f}% |" if worst is not None else " - |") if families else ""))
+        line += (f" {100 * worst:.2f}% |" if worst is not None else " - |") if families else ""
+        lines.append(line + (f" {variants[run.name] or '-'} |" if compared else ""))
     commands = [f"    {r.record['command']}" for r in runs if r.record.get("command")]
     return lines + (["", "Commands:", "", *commands] if commands else [])
 

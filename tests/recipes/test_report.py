@@ -81,6 +81,9 @@ def sweep(tmp_path) -> Path:
               {"class_path": "lightning_mtl.meta.TRMAML"}, history=curve)
     write_run(root, "alphabets_fewshot", "maml", {"test/acc": 0.92, "test/acc_ci95": 0.01, "test/episodes": 100},
               {"class_path": "lightning_mtl.meta.MAML"}, history=curve[:1])
+    for name, acc in (("maml-pcgrad", 0.91), ("maml-upgrad", 0.945)):  # within / beyond the joint interval 1.41 pt
+        write_run(root, "alphabets_fewshot", name, {"test/acc": acc, "test/acc_ci95": 0.01, "test/episodes": 100},
+                  {"class_path": "lightning_mtl.meta.MAML", "init_args": {"meta_balancer": name[5:]}})
     return root
 
 
@@ -114,11 +117,16 @@ def test_pareto_front_conflict_and_curves_from_a_sweep(sweep, tmp_path):
     assert heatmap.images[0].get_array().flatten().tolist() == pytest.approx([1.0, 0.4, 0.4, 1.0])
     assert [t.get_text() for t in heatmap.get_xticklabels()] == ["left", "right"]
     # few-shot: the worst family's column, "-" where a run has no families, and the validation curves
-    assert "| `tr_maml` | TRMAML | 90.00% | ± 1.00% | 100 | - | - | 32 | - | - | 70.00% |" in text
-    assert "| `maml` | MAML | 92.00% | ± 1.00% | 100 | - | - | 32 | - | - | - |" in text
+    assert "| `tr_maml` | TRMAML | 90.00% | ± 1.00% | 100 | - | - | 32 | - | - | 70.00% | - |" in text
+    assert "| `maml` | MAML | 92.00% | ± 1.00% | 100 | - | - | 32 | - | - | - | - |" in text
+    # a variant against its base run: the difference and whether it exceeds the two intervals together
+    assert "| `maml-pcgrad` | MAML, pcgrad | 91.00% |" in text
+    assert "| -1.00 pt vs `maml`, within the intervals |" in text
+    assert "| +2.50 pt vs `maml`, better |" in text
     curve = made["alphabets_fewshot"]["val_curve"].axes[0]
     assert curve.get_xlabel() == "training time (min)" and curve.get_ylabel() == "validation accuracy (%)"
     assert [list(line.get_ydata()) for line in curve.lines] == [pytest.approx([90.0]), pytest.approx([90.0, 93.0])]
+    assert [line.get_label() for line in curve.lines] == ["maml", "tr_maml"]  # runs without a history draw nothing
     for group, kinds in made.items():
         for kind in kinds:
             assert (tmp_path / "figures" / f"{group}_{kind}.png").stat().st_size > 1000
@@ -187,7 +195,7 @@ def test_readme_summary_block_is_replaced_and_the_rest_kept(sweep, tmp_path):
     # the best Δm% of the two-task group: fixed_0.2 = 100 / 2 (-0.05 / 0.95 + 0.01 / 0.95) = -2.11; upgrad and
     # pcgrad 0.00 (the first of equals), against a single-task mean error of 5.00%
     assert "| `pareto` (6) | 2 | 5.00% | `pcgrad` | +0.00 | - |" in text
-    assert "| `alphabets_fewshot` (2) | `maml` | MAML | 92.00% ± 1.00% | - | - | - | - |" in text
+    assert "| `alphabets_fewshot` (4) | `maml-upgrad` | MAML, upgrad | 94.50% ± 1.00% | - | - | - | - |" in text
     readme.write_text("# no block\n")
     with pytest.raises(ValueError, match="has no <!-- report:summary -->"):
         report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--readme", str(readme)])
