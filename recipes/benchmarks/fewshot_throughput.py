@@ -3,6 +3,7 @@ episode sampler.
 
     python recipes/benchmarks/fewshot_throughput.py                     # CPU, fp32 and bf16-mixed
     python recipes/benchmarks/fewshot_throughput.py --accelerator cuda --precision bf16-mixed 16-mixed 32
+    python recipes/benchmarks/fewshot_throughput.py --accelerator cuda --precision 32 bf16-mixed --maml-meta-batch 4 32
 
 All loops consume the same pre-drawn Omniglot episodes (real data from $LIGHTNING_MTL_DATA, else random images), the
 same Conv-4 initialisation, optimizer and precision; timing starts after ``--warmup`` steps. The runs alternate
@@ -16,13 +17,23 @@ over learn2learn (learn2learn ms / ours ms) when it is installed (``make learn2l
   modules: what a learn2learn user runs. ``same`` gives the peers our Conv-4 exactly (the same kernels, so the ratio
   measures only the framework code); ``nchw`` gives them our Conv-4 with ``channels_last=False``;
 * MAML: learn2learn's ``MAML`` with ``clone()`` / ``adapt()`` in the plain loop of its examples (its Lightning MAML
-  is written for Lightning 1.x).
+  is written for Lightning 1.x), once per ``--maml-meta-batch`` size (tasks per meta-batch; default 4).
+
+Every row names the device it ran on (``device``). On CUDA, ``peak MB`` (JSON ``peak_mem_mb``; also
+``raw_peak_mem_mb`` and ``learn2learn_peak_mem_mb``) is ``torch.cuda.max_memory_allocated`` over a timed run, less
+what was allocated when it started (after garbage collection), the largest over the repeats; elsewhere it is NaN
+(JSON null). The JSON is rewritten after every row, so a run stopped early keeps the rows it finished. At the end a
+``targets`` block checks the measured rows against issue #18's GPU targets: ours <= 1.03x the raw loop (every row),
+second-order MAML >= 3x learn2learn's episodes/s (every MAML row) and bf16-mixed / fp32 peak memory <= 0.6 for MAML
+meta-batch 32 (when both precisions ran on CUDA): PASS, FAIL or n.a. with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import statistics
 import time
@@ -75,6 +86,29 @@ def autocast(device: torch.device, precision: str):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """On CUDA, ``mb``: the peak memory allocated inside ``with`` above what was allocated when it began (after garbage
+    collection, so that earlier runs' leftovers do not count); NaN on other devices."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device, self.mb, self.start_mb = torch.device(device), float("nan"), float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self._start = torch.cuda.memory_allocated()
+            self.start_mb = self._start / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
 
 
 # ---------------------------------------------------------------- raw loops (the same math, no framework)
@@ -217,6 +251,61 @@ def time_l2l_maml(episodes, device, precision, warmup, layout="same") -> float:
     return (time.perf_counter() - start) / (len(episodes) - warmup)
 
 
+def maml_label(meta_batch: int) -> str:
+    return f"MAML 2nd order 5-way 1-shot 15-query, meta-batch {meta_batch}"
+
+
+def is_fp32(precision: str) -> bool:
+    return precision in ("32", "32-true")
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def check_targets(runs: list[dict]) -> list[dict]:
+    """Issue #18's GPU targets, evaluated on the measured rows: one dict per check, with the measured value (None if
+    it could not be measured), the threshold and ``PASS``, ``FAIL`` or ``n.a.`` (with the reason)."""
+    checks = []
+
+    def add(target, row, value, threshold, ok, why=None):
+        checks.append({"target": target, "row": row, "value": value if finite(value) else None,
+                       "threshold": threshold, "verdict": "n.a." if not finite(value) else "PASS" if ok else "FAIL",
+                       "reason": why if not finite(value) else None})
+
+    for r in runs:
+        row = f"{r['method']}, {r['precision']}"
+        add("ours <= 1.03x raw loop (step time)", row, r["ratio"], 1.03, finite(r["ratio"]) and r["ratio"] <= 1.03,
+            "no ratio")
+    for r in runs:
+        if r["method"].startswith("MAML"):
+            s = r["speedup_vs_learn2learn"]
+            add("2nd-order MAML >= 3x learn2learn episodes/s", f"{r['method']}, {r['precision']}", s, 3.0,
+                finite(s) and s >= 3.0, "learn2learn not run")
+    by = {(r["method"], r["precision"]): r for r in runs}
+    label = maml_label(32)
+    fp32 = next((r for (m, p), r in by.items() if m == label and is_fp32(p)), None)
+    bf16 = by.get((label, "bf16-mixed"))
+    if fp32 is None or bf16 is None:
+        why = "needs MAML meta-batch 32 at both 32 and bf16-mixed"
+        value = None
+    elif not (finite(fp32["peak_mem_mb"]) and finite(bf16["peak_mem_mb"]) and fp32["peak_mem_mb"] > 0):
+        why, value = "peak memory is measured on CUDA only", None
+    else:
+        why, value = None, bf16["peak_mem_mb"] / fp32["peak_mem_mb"]
+    add("bf16-mixed / fp32 peak memory <= 0.6", label, value, 0.6, finite(value) and value <= 0.6, why)
+    return checks
+
+
+def write_json(path: str, results: dict) -> None:
+    """Written whole to a temporary file, then moved: a run killed mid-write leaves the previous version."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
 def learn2learn_available() -> bool:
     try:
         import learn2learn  # noqa: F401
@@ -244,12 +333,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["protonet", "maml"], choices=["protonet", "maml"])
+    parser.add_argument("--maml-meta-batch", type=int, nargs="+", default=[4], metavar="TASKS",
+                        help="MAML meta-batch sizes (tasks per step), one set of rows each")
     parser.add_argument("--no-learn2learn", action="store_true", help="skip the learn2learn peer")
     parser.add_argument("--l2l-layout", default="l2l", choices=["l2l", "same", "nchw"],
                         help="the peers' Conv-4: learn2learn's CNN4Backbone(max_pool=True), ours exactly "
                              "(channels-last), or ours in NCHW layout")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (rewritten after every row)")
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if min(args.maml_meta_batch) < 1:
+        parser.error(f"--maml-meta-batch sizes must be >= 1, got {args.maml_meta_batch}")
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        parser.error("--accelerator cuda, but torch sees no CUDA device")
     peer = not args.no_learn2learn and learn2learn_available()
     device = torch.device(args.accelerator)
 
@@ -259,19 +356,21 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}; lightning {L.__version__}; data: {source}")
     print(f"episode sampler, 5-way 1-shot 15-query, one process: {rate:,.0f} episodes/s")
 
-    settings = {
-        "protonet": (lambda: ProtoNet(), EpisodeSampler(images, 60, 1, 5, 1), raw_protonet_step,
-                     "ProtoNet 60-way 1-shot 5-query"),
-        "maml": (lambda: MAML(ways=5), EpisodeSampler(images, 5, 1, 15, 4), raw_maml_step,
-                 "MAML 2nd order 5-way 1-shot 15-query, meta-batch 4"),
-    }
+    # (method, meta-batch): ProtoNet's episodes are single tasks; MAML's meta-batches hold --maml-meta-batch tasks
+    settings = {("protonet", 1): (lambda: ProtoNet(), EpisodeSampler(images, 60, 1, 5, 1), raw_protonet_step,
+                                  "ProtoNet 60-way 1-shot 5-query")}
+    for m in dict.fromkeys(args.maml_meta_batch):
+        settings[("maml", m)] = (lambda: MAML(ways=5), EpisodeSampler(images, 5, 1, 15, m), raw_maml_step,
+                                 maml_label(m))
     if peer:
         print(f"learn2learn peers' Conv-4: --l2l-layout {args.l2l_layout}")
-    results = {"device": device_name, "sampler_episodes_per_s": rate, "l2l_layout": args.l2l_layout, "runs": []}
+    results = {"device": device_name, "sampler_episodes_per_s": rate, "l2l_layout": args.l2l_layout,
+               "settings": vars(args), "data": source, "torch": torch.__version__, "lightning": L.__version__,
+               "complete": False, "runs": [], "targets": []}
     print(f"{'method':52s} {'precision':>10s} {'raw ms':>8s} {'lightning ms':>12s} {'ratio':>6s} {'episodes/s':>10s}"
-          f" {'l2l ms':>8s} {'l2l/ours':>8s}")
-    for method in args.methods:
-        make_model, sampler, raw_step, label = settings[method]
+          f" {'l2l ms':>8s} {'l2l/ours':>8s} {'peak MB':>8s}  device")
+    for method, meta_batch in [key for m in dict.fromkeys(args.methods) for key in settings if key[0] == m]:
+        make_model, sampler, raw_step, label = settings[(method, meta_batch)]
         rngs = np.random.SeedSequence(1).spawn(args.steps)
         episodes = [sampler.episode([np.random.default_rng(s)]) if sampler.meta_batch_size == 1 else
                     sampler.episode([np.random.default_rng(c) for c in s.spawn(sampler.meta_batch_size)])
@@ -279,31 +378,47 @@ def main() -> None:
         for precision in args.precision:
             loops = ("raw", "lightning", "learn2learn") if peer else ("raw", "lightning")
             times: dict[str, list[float]] = {loop: [] for loop in loops}
+            peaks: dict[str, list[float]] = {loop: [] for loop in loops}
             for r in range(args.repeats):  # alternate the order, so that drift favours no loop
                 for loop in loops if r % 2 == 0 else loops[::-1]:
-                    if loop == "raw":
-                        t = time_raw(make_model, raw_step, episodes, device, precision, args.warmup)
-                    elif loop == "lightning":
-                        t = time_lightning(make_model, episodes, args.accelerator, precision, args.warmup)
-                    elif method == "protonet":
-                        t = time_l2l_protonet(episodes, args.accelerator, precision, args.warmup, args.l2l_layout)
-                    else:
-                        t = time_l2l_maml(episodes, device, precision, args.warmup, args.l2l_layout)
+                    with PeakMemory(device) as peak:
+                        if loop == "raw":
+                            t = time_raw(make_model, raw_step, episodes, device, precision, args.warmup)
+                        elif loop == "lightning":
+                            t = time_lightning(make_model, episodes, args.accelerator, precision, args.warmup)
+                        elif method == "protonet":
+                            t = time_l2l_protonet(episodes, args.accelerator, precision, args.warmup, args.l2l_layout)
+                        else:
+                            t = time_l2l_maml(episodes, device, precision, args.warmup, args.l2l_layout)
                     times[loop].append(t)
+                    peaks[loop].append(peak.mb)
             raw_t, light_t = times["raw"], times["lightning"]
             raw_ms, light_ms = 1e3 * statistics.median(raw_t), 1e3 * statistics.median(light_t)
             eps = sampler.meta_batch_size / (light_ms / 1e3)
             l2l_ms = 1e3 * statistics.median(times["learn2learn"]) if peer else float("nan")
+            peak_mb = {loop: max(v) if finite(v[0]) else None for loop, v in peaks.items()}
+            peak_str = f"{peak_mb['lightning']:8.1f}" if peak_mb["lightning"] is not None else f"{'nan':>8s}"
             print(f"{label:52s} {precision:>10s} {raw_ms:8.2f} {light_ms:12.2f} {light_ms / raw_ms:6.3f} {eps:10.1f}"
-                  f" {l2l_ms:8.2f} {l2l_ms / light_ms:8.3f}")
-            results["runs"].append({"method": label, "precision": precision, "raw_ms": raw_ms,
-                                    "lightning_ms": light_ms, "ratio": light_ms / raw_ms, "episodes_per_s": eps,
-                                    "learn2learn_ms": l2l_ms if peer else None,
-                                    "speedup_vs_learn2learn": l2l_ms / light_ms if peer else None})
+                  f" {l2l_ms:8.2f} {l2l_ms / light_ms:8.3f} {peak_str}  {device_name}", flush=True)
+            results["runs"].append({"method": label, "meta_batch": sampler.meta_batch_size, "precision": precision,
+                                    "raw_ms": raw_ms, "lightning_ms": light_ms, "ratio": light_ms / raw_ms,
+                                    "episodes_per_s": eps, "learn2learn_ms": l2l_ms if peer else None,
+                                    "speedup_vs_learn2learn": l2l_ms / light_ms if peer else None,
+                                    "peak_mem_mb": peak_mb["lightning"], "raw_peak_mem_mb": peak_mb["raw"],
+                                    "learn2learn_peak_mem_mb": peak_mb.get("learn2learn"), "device": device_name,
+                                    "repeats_ms": {loop: [1e3 * t for t in v] for loop, v in times.items()}})
+            if args.json:
+                write_json(args.json, results)
+
+    results["targets"] = check_targets(results["runs"])
+    results["complete"] = True
+    print(f"targets (issue #18 item 5, stated for the GPU; measured on {device_name}):")
+    for c in results["targets"]:
+        value = f"{c['value']:.3f}" if c["value"] is not None else "-"
+        print(f"  {c['verdict']:5s} {c['target']}: {c['row']}: {value} (threshold {c['threshold']:g})"
+              + (f"; {c['reason']}" if c["reason"] else "") + f"  [{device_name}]")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":
