@@ -156,7 +156,7 @@ echo "fewshot_throughput.py exit status: $fewshot_rc"
 
 # ---------------------------------------------------------------- multi-task step ratios
 mtl_rcs=""
-: > "$OUT/mtl.txt"
+if [ -n "$MTL_TASKS" ]; then : > "$OUT/mtl.txt"; fi
 n_k=$(echo $MTL_TASKS | wc -w)
 for k in $MTL_TASKS; do
   limit=$(left 15)
