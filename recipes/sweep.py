@@ -5,13 +5,13 @@
     python recipes/sweep.py recipes/sweeps/multimnist_pareto_quick.yaml --force    # run everything again
 
 A sweep file names the recipe, the default config, the output folder, how many runs go at a time, arguments for
-every run, and the runs (a name → a list of arguments, or ``{config: ..., args: [...]}``)::
+every run, and the runs (a name → a list of arguments, or ``{config: ..., args: [...], test_ckpt: last}``)::
 
     recipe: multitask                 # recipes/multitask.py
     config: recipes/configs/multimnist/hps_equal_quick.yaml
     out: runs/multimnist_pareto_quick # <out>/<run>/checkpoints, <out>/<run>/test_metrics.json
     jobs: 2                           # runs at a time; each gets (CPU cores // jobs) torch threads
-    test_ckpt: best                   # the checkpoint tested: best or last
+    test_ckpt: best                   # the checkpoint tested: best or last (a run may say otherwise)
     args: [--trainer.max_steps, "600", --trainer.logger, "false"]
     runs:
       equal: [--model.balancer, equal]
@@ -53,6 +53,7 @@ class SweepRun:
     config: Path
     args: list[str]
     folder: Path
+    test_ckpt: str = "best"
 
     @property
     def done(self) -> bool:
@@ -113,8 +114,12 @@ def load_sweep(path: str | Path) -> Sweep:
         if not NAME.match(name):
             raise ValueError(f"{path}: run name {name!r} must be a plain folder name (letters, digits, _ . -)")
         entry = {"args": entry} if isinstance(entry, list) else (entry or {})
-        if not isinstance(entry, dict) or set(entry) - {"config", "args"}:
-            raise ValueError(f"{path}: run {name}: give a list of arguments or {{config: ..., args: [...]}}")
+        if not isinstance(entry, dict) or set(entry) - {"config", "args", "test_ckpt"}:
+            raise ValueError(f"{path}: run {name}: give a list of arguments or {{config: ..., args: [...], "
+                             f"test_ckpt: best|last}}")
+        run_ckpt = entry.get("test_ckpt", test_ckpt)
+        if run_ckpt not in ("best", "last"):
+            raise ValueError(f"{path}: run {name}: test_ckpt must be 'best' or 'last', got {run_ckpt!r}")
         config = entry.get("config", spec.get("config"))
         if config is None:
             raise ValueError(f"{path}: run {name} has no config; set the sweep's config or the run's")
@@ -123,7 +128,7 @@ def load_sweep(path: str | Path) -> Sweep:
         if any(a.startswith("--checkpoint.dirpath") for a in [*common, *_strings(entry.get("args", []), name)]):
             raise ValueError(f"{path}: run {name}: the sweep sets --checkpoint.dirpath itself (<out>/<run>); drop it")
         runs.append(SweepRun(name, Path(config), [*common, *_strings(entry.get("args", []), f"run {name}")],
-                             out / name))
+                             out / name, run_ckpt))
     return Sweep(recipe, out, jobs, test_ckpt, runs)
 
 
@@ -131,7 +136,7 @@ def commands(sweep: Sweep, run: SweepRun) -> list[list[str]]:
     """The ``fit`` and ``test`` command lines of ``run``."""
     base = ["--config", str(run.config), *run.args, "--checkpoint.dirpath", str(run.folder / "checkpoints")]
     return [[sys.executable, str(sweep.recipe), "fit", *base],
-            [sys.executable, str(sweep.recipe), "test", *base, "--ckpt_path", sweep.test_ckpt]]
+            [sys.executable, str(sweep.recipe), "test", *base, "--ckpt_path", run.test_ckpt]]
 
 
 def execute(sweep: Sweep, run: SweepRun, threads: int) -> tuple[str, bool, float]:

@@ -42,6 +42,7 @@ def test_the_shipped_sweeps_load_and_name_their_runs():
      "sets --checkpoint.dirpath itself"),
     (f"recipe: multitask\nout: o\nconfig: {CONFIG}\ntest_ckpt: worst\nruns: {{a: []}}\n", "'best' or 'last'"),
     (f"recipe: multitask\nout: o\nconfig: {CONFIG}\nruns: {{a: --model.balancer}}\n", "a list of arguments"),
+    (f"recipe: multitask\nout: o\nconfig: {CONFIG}\nruns: {{a: {{test_ckpt: first}}}}\n", "run a: test_ckpt must be"),
 ])
 def test_a_malformed_sweep_file_says_what_to_fix(tmp_path, monkeypatch, text, error):
     monkeypatch.chdir(REPO)
@@ -65,6 +66,9 @@ def test_dry_run_prints_fit_and_test_of_every_run_not_done(tmp_path, monkeypatch
     assert test[4:] == [*fit[4:], "--ckpt_path", "best"]
     assert sweep.main([str(path), "--dry-run", "--force"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4
+    path.write_text(head + "runs:\n  a: {args: [--model.balancer, mgda], test_ckpt: last}\n")
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    assert shlex.split(capsys.readouterr().out.splitlines()[1])[-2:] == ["--ckpt_path", "last"]  # the run's own
 
 
 def test_a_small_real_sweep_fits_tests_and_reports(omniglot_root, cache_dir, tmp_path, monkeypatch):
