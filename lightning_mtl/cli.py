@@ -138,7 +138,9 @@ def run_dirpath(dirpath: str | None, files: list, model: dict) -> tuple[str, str
 class RunConfig(SaveConfigCallback):
     """Writes the resolved configuration of a ``fit`` as ``config.yaml`` into its checkpoint folder, beside the
     checkpoints it produced (Lightning's callback writes it into the logger's folder, or into the working folder
-    without a logger, where runs overwrite each other's). ``validate`` and ``test`` leave it alone."""
+    without a logger, where runs overwrite each other's). ``validate`` and ``test`` leave a fit's file alone; a
+    ``test`` whose folder has none (a test-only run, e.g. of a pre-trained embedding) writes its own, so that its
+    ``test_metrics.json`` still says what was tested."""
 
     def __init__(self, parser, config, **kwargs) -> None:
         super().__init__(parser, config, **{**kwargs, "save_to_log_dir": False})
@@ -150,6 +152,11 @@ class RunConfig(SaveConfigCallback):
         if trainer.is_global_zero and not self.already_saved:
             self.save_config(trainer, pl_module, "fit")
             self.already_saved = True
+
+    def on_test_start(self, trainer: Trainer, pl_module) -> None:
+        dirpath = self.config.get("checkpoint.dirpath")
+        if trainer.is_global_zero and dirpath is not None and not (Path(dirpath) / self.config_filename).exists():
+            self.save_config(trainer, pl_module, "test")
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:  # rank 0 only
         dirpath = self.config.get("checkpoint.dirpath")

@@ -80,6 +80,11 @@ class Run:
         last = {k[len("diag/"):]: v for k, v in rows[-1].items() if k.startswith("diag/cos/")}
         return sum(r["diag/cos_mean"] for r in rows) / len(rows), last
 
+    def hardware(self) -> str:
+        """Where the fit ran, with its torch threads (``run.json``)."""
+        hardware, threads = self.record.get("hardware", "-"), self.record.get("torch_threads")
+        return hardware if threads is None else f"{hardware}, {threads} thread{'s' if threads != 1 else ''}"
+
     def describe(self) -> str:
         """The model in a few words: class, architecture, balancer (from the resolved configuration)."""
         model = self.config.get("model") or {}
@@ -306,7 +311,7 @@ def multitask_table(runs: list[Run], rows: list[dict]) -> list[str]:
         steps, fit, precision = _fit_cells(run)
         line = (f"| `{run.name}` | {run.describe()} | {row['tasks']} | {_fmt(row['error'], '.2f')}% | "
                 f"{_fmt(row['baseline_error'], '.2f')}% | {_fmt(row['delta_m'], '+.2f')} | {steps} | {fit} "
-                f"| {precision} | {run.record.get('hardware', '-')} | {run.record.get('commit', '-')} |")
+                f"| {precision} | {run.hardware()} | {run.record.get('commit', '-')} |")
         lines.append(line + (f" {_fmt(row['cos_mean'], '+.3f')} |" if conflict else ""))
     commands = [f"    {r.record['command']}" for r in runs if r.record.get("command")]
     return lines + (["", "Commands:", "", *commands] if commands else [])
@@ -338,7 +343,7 @@ def fewshot_table(runs: list[Run]) -> list[str]:
         steps, fit, precision = _fit_cells(run)
         line = (f"| `{run.name}` | {run.describe()} | {100 * run.metrics['test/acc']:.2f}% | "
                 f"± {100 * run.metrics.get('test/acc_ci95', 0.0):.2f}% | {int(run.metrics.get('test/episodes', 0))} | "
-                f"{steps} | {fit} | {precision} | {run.record.get('hardware', '-')} | "
+                f"{steps} | {fit} | {precision} | {run.hardware()} | "
                 f"{run.record.get('commit', '-')} |")
         worst = run.metrics.get("test/worst_family_acc")
         line += (f" {100 * worst:.2f}% |" if worst is not None else " - |") if families else ""
@@ -423,7 +428,7 @@ def summary(runs: list[Run]) -> list[str]:
         best = max(scored, key=lambda row: round(row["delta_m"], 6))  # ties (to rounding): the first by name
         lines.append(f"| `{group}` ({len(rows)}) | {best['tasks']} | {_fmt(base['error'], '.2f')}% | "
                      f"`{best['run'].name}` | {_fmt(best['delta_m'], '+.2f')} | "
-                     f"{best['run'].record.get('hardware', '-')} |")
+                     f"{best['run'].hardware()} |")
     lines += ["", "Few-shot (test accuracy ± 95% CI over the fixed test episodes; the best run of each group):", "",
               "| runs | best run | model | test accuracy | worst family | steps | fit time | hardware |",
               "|" + "---|" * 8]
@@ -435,7 +440,7 @@ def summary(runs: list[Run]) -> list[str]:
         lines.append(f"| `{group}` ({len(members)}) | `{run.name}` | {run.describe()} | "
                      f"{100 * run.metrics['test/acc']:.2f}% ± {100 * run.metrics.get('test/acc_ci95', 0.0):.2f}% | "
                      f"{'-' if worst is None else f'{100 * worst:.2f}%'} | {steps} | {fit} | "
-                     f"{run.record.get('hardware', '-')} |")
+                     f"{run.hardware()} |")
     return lines
 
 

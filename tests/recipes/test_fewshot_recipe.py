@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_mtl.cli import resolve_checkpoint_alias
 
@@ -421,6 +422,10 @@ def test_multitask_pretraining_then_few_shot_evaluation_of_its_backbone(data_env
     assert all(torch.equal(loaded[k], v) for k, v in shared.items())
     assert test.trainer.callback_metrics["test/episodes"] == 40
     assert 0.2 < float(test.trainer.callback_metrics["test/acc"]) <= 1
+    # a test-only run records what it tested beside its metrics: the resolved config, with the pre-trained weights
+    saved = yaml.safe_load((tmp_path / "emb" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["pretrained"] == f"{tmp_path}/mtl/last.ckpt"
+    assert (tmp_path / "test_metrics.json").is_file()
 
 
 def test_multi_domain_config_trains_and_logs_each_domain(data_env, tmp_path):
