@@ -27,6 +27,13 @@
 #     packages the machine lacks, installed into a temporary folder put first on PYTHONPATH
 #   FITS [0; 1: also the old quick Omniglot fits + tests in mixed precision, many minutes, outside BUDGET; their
 #     logs -> fits.tar.gz]
+#   The device machine (Python 3.12) lacks torchjd, quadprog, qpsolvers, jsonargparse, gym and learn2learn: fetch them
+#   here first (no device time), then run there with DEPS=.whl and carry .whl:
+#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       torchjd==0.18.0 quadprog==0.1.14 qpsolvers==4.13.0 jsonargparse==4.53.0 gym_notices==0.1.0
+#     python3 -m pip download -q --no-deps --no-binary=:all: -d .whl gym==0.26.2 learn2learn==0.2.0
+#     (device) OUT=$OUT DEPS=.whl bash recipes/benchmarks/gpu_check.sh
 # Files in $OUT: at most 8 (env.txt, throughput.txt, throughput.json, mtl.txt, mtl_k<K>.json per K, summary.md,
 # fits.tar.gz), flat.
 set -euo pipefail
