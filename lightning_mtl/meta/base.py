@@ -227,7 +227,7 @@ class EpisodicModule(WeightsOnlyLoading, L.LightningModule):
             direction = (self.meta_balancer(matrix, losses.to(matrix.dtype)) if self.meta_balancer.needs_losses
                          else self.meta_balancer(matrix))
             every = self.diagnostics_every
-            if every and self.global_step % every == 0:
+            if every and (self.global_step + 1) % every == 0:  # a logging step when every is a multiple of it
                 for key, value in gradient_diagnostics(matrix, self.meta_balancer.tasks).items():
                     self.log(f"diag/{key}", value)
         return direction

@@ -64,7 +64,8 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
             ``"auto"`` (vmap on CUDA with at most ``VMAP_MAX_TASKS`` = 8 tasks, else the loop: the loop was faster
             on CPU at 4 and 50 tasks and on an H200 at 50, vmap faster on the H200 at 4). Architectures that give
             each task its own representation always use the loop.
-        diagnostics_every: log task-gradient cosines and norm ratios every this many steps (0: never).
+        diagnostics_every: log task-gradient cosines and norm ratios every this many steps (0: never), on the steps
+            that complete a multiple of it: written at once when ``log_every_n_steps`` divides it.
         optimizer: optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: scheduler factory.
         lr_scheduler_interval: step the scheduler after every optimizer step (``"step"``) or at the end of every
@@ -311,7 +312,9 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
             tasks=self.task_names, task_losses=task_losses, losses=losses,
             global_losses=G.all_reduce_(losses.detach().clone()),
             shared=shared, others=others, penalty=self.architecture.penalty(), scale=self._loss_scale,
-            diagnose=bool(every) and self.global_step % every == 0 and bool(shared),
+            # on the steps that complete a multiple of `every` (as logs_at counts): with log_every_n_steps dividing
+            # `every`, their values are written at once, not lost when the epoch ends before the next logging step
+            diagnose=bool(every) and (self.global_step + 1) % every == 0 and bool(shared),
         )
         if not aggregate:
             update = paths.loss_weighting(self.balancer, inputs)

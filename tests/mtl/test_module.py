@@ -269,6 +269,21 @@ def test_diagnostics_logged():
     assert -1 <= metrics["diag/cos_min"] <= metrics["diag/cos_mean"] <= 1
 
 
+def test_sparse_diagnostics_are_written_at_every_diagnostic_step(tmp_path):
+    """Diagnostics every 5 steps, step metrics written every 5 steps, epochs of 7 steps: every diagnostic reaches the
+    logger (computed on the steps that complete a multiple of 5, the logging steps; computed after them, a value
+    waited for the next logging step and was lost when the epoch ended first)."""
+    from lightning_mtl.history import MetricsHistory, read_history
+
+    model = make_model("pcgrad", diagnostics_every=5)
+    trainer = L.Trainer(accelerator="cpu", max_steps=30, logger=MetricsHistory(tmp_path), log_every_n_steps=5,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=DataLoader(global_batches(7), batch_size=None))
+    rows = [r for r in read_history(tmp_path / "metrics.jsonl") if "diag/cos_mean" in r]
+    assert [r["step"] for r in rows] == [4, 9, 14, 19, 24, 29]  # Lightning's step: 0-based index of the last step
+    assert len({r["diag/cos_mean"] for r in rows}) == 6  # six computations, not one value written again
+
+
 def per_task_batches(steps: int) -> list[MultiTaskBatch]:
     """Several datasets combined: each task has its own inputs."""
     g = torch.Generator().manual_seed(3)
