@@ -135,8 +135,9 @@ def load_sweep(path: str | Path) -> Sweep:
 def commands(sweep: Sweep, run: SweepRun) -> list[list[str]]:
     """The ``fit`` and ``test`` command lines of ``run``."""
     base = ["--config", str(run.config), *run.args, "--checkpoint.dirpath", str(run.folder / "checkpoints")]
-    return [[sys.executable, str(sweep.recipe), "fit", *base],
-            [sys.executable, str(sweep.recipe), "test", *base, "--ckpt_path", run.test_ckpt]]
+    recipe = os.path.relpath(sweep.recipe)  # as a user types it (the runs record their command line)
+    return [[sys.executable, recipe, "fit", *base],
+            [sys.executable, recipe, "test", *base, "--ckpt_path", run.test_ckpt]]
 
 
 def execute(sweep: Sweep, run: SweepRun, threads: int) -> tuple[str, bool, float]:

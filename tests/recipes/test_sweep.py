@@ -60,6 +60,7 @@ def test_dry_run_prints_fit_and_test_of_every_run_not_done(tmp_path, monkeypatch
     assert sweep.main([str(path), "--dry-run"]) == 0
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert [line[3] for line in lines] == ["fit", "test"]  # the finished run is skipped
+    assert lines[0][2] == "recipes/multitask.py"  # relative, as a user types it: the runs record the command
     fit, test = lines
     assert fit[4:] == ["--config", CONFIG, "--trainer.max_time", "null", "--model.balancer", "pcgrad",
                        "--checkpoint.dirpath", str(out / "pcgrad" / "checkpoints")]
