@@ -418,7 +418,8 @@ def summary(runs: list[Run]) -> list[str]:
     """One table per half for the README: per multi-task group its single-task error and the best Δm% run; per
     few-shot group its most accurate run, with the accuracy ± CI (and worst family)."""
     lines = ["Multi-task (Δm% against one network per task, every metric once; positive = better):", "",
-             "| runs | tasks | single-task error (classification tasks) | best run | its Δm% | hardware |", "|---|---|---|---|---|---|"]
+             "| runs | tasks | single-task error (classification tasks) | best run | its Δm% | hardware |",
+             "|---|---|---|---|---|---|"]
     for group in sorted({r.group for r in runs if r.multitask}):
         rows = multitask_rows([r for r in runs if r.group == group and r.multitask])
         scored = [row for row in rows if row["delta_m"] is not None and not row["run"].name.startswith("single_task")]
