@@ -222,9 +222,10 @@ def pareto_figure(group: str, runs: list[Run], tasks: list[str]):
         w = r.fixed_weights()
         ax.annotate(f"{w[0] / sum(w):.2f}", errors[r.name], textcoords="offset points", xytext=(4, -10), fontsize=7,
                     color="gray")
-    for r in runs:
-        if r.fixed_weights() is None and r.name in errors:
-            ax.plot(*errors[r.name], "o", label=r.name)
+    colours = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # grey is the reference's
+    points = [r for r in runs if r.fixed_weights() is None and r.name in errors]
+    for i, r in enumerate(points):
+        ax.plot(*errors[r.name], "osD^v"[i // len(colours) % 5], color=colours[i % len(colours)], label=r.name)
     ax.set_xlabel(f"{tasks[0]} test error (%)")
     ax.set_ylabel(f"{tasks[1]} test error (%)")
     ax.set_title(f"{group}: Pareto front")
@@ -389,15 +390,9 @@ def report(root: str | Path, out: str | Path, figures: str | Path | None) -> dic
                 if r.conflict()[1]:
                     figs[f"{r.name}_heatmap"] = heatmap_figure(group, r)
         lines.append("")
-        if figure_dir is not None:
-            made[group] = figs
-        else:
-            for fig in figs.values():
-                _pyplot().close(fig)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if figure_dir is not None:
-        figure_dir.mkdir(parents=True, exist_ok=True)
-        for group, figs in made.items():
+        if figure_dir is not None:  # each figure under its group's tables, written and closed at once
+            figure_dir.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
             for kind, fig in figs.items():
                 path = figure_dir / f"{group.replace('/', '_')}_{kind}.png"
                 fig.savefig(path, dpi=120)
@@ -406,7 +401,11 @@ def report(root: str | Path, out: str | Path, figures: str | Path | None) -> dic
                 except ValueError:
                     link = path.resolve().as_posix()
                 lines.append(f"![{group} {kind}]({link})")
-        lines.append("")
+            lines += [""] if figs else []
+            made[group] = figs
+        for fig in figs.values():
+            _pyplot().close(fig)  # the figure objects stay readable (returned); pyplot forgets them
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return made
 
