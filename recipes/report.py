@@ -40,6 +40,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from delta_m import delta_m  # noqa: E402
 
+from lightning_mtl.figures import _pyplot  # noqa: E402
 from lightning_mtl.history import read_history  # noqa: E402
 
 
@@ -163,15 +164,6 @@ def _fit_cells(run: Run) -> tuple[str, str, str]:
     return steps, fit, precision
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def multitask_figures(group: str, rows: list[dict]):
     """Per-task test error of every run, and Δm% per run: two matplotlib figures."""
     plt = _pyplot()
@@ -234,20 +226,30 @@ def pareto_figure(group: str, runs: list[Run], tasks: list[str]):
     return figure
 
 
-def conflict_figure(group: str, runs: list[Run]):
-    """Mean pairwise task-gradient cosine (``diag/cos_mean``) against the training step, one line per run."""
+def history_figure(group: str, runs: list[Run], key: str, x: str, labels: tuple[str, str, str], scale: float = 1.0,
+                   x_scale: float = 1.0, style: str = "-"):
+    """``scale * key`` against ``x_scale * x`` over the fit's logged rows (``metrics.jsonl``), one line per run that
+    logged ``key``; ``labels``: x label, y label, title after the group."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
-        rows = [row for row in r.history if "diag/cos_mean" in row]
+        rows = [row for row in r.history if key in row]
         if rows:
-            ax.plot([row["step"] for row in rows], [row["diag/cos_mean"] for row in rows], label=r.name)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean task-gradient cosine")
-    ax.set_title(f"{group}: gradient conflict")
+            ax.plot([x_scale * row[x] for row in rows], [scale * row[key] for row in rows], style, markersize=3,
+                    label=r.name)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(f"{group}: {labels[2]}")
     ax.legend(fontsize=6)
     figure.tight_layout()
+    return figure
+
+
+def conflict_figure(group: str, runs: list[Run]):
+    """Mean pairwise task-gradient cosine (``diag/cos_mean``) against the training step, one line per run."""
+    figure = history_figure(group, runs, "diag/cos_mean", "step",
+                            ("training step", "mean task-gradient cosine", "gradient conflict"))
+    figure.axes[0].axhline(0, color="black", linewidth=0.8)
     return figure
 
 
@@ -283,19 +285,8 @@ def fewshot_figure(group: str, runs: list[Run]):
 
 def val_curve_figure(group: str, runs: list[Run]):
     """Validation accuracy against the fit's wall-clock time, one line per run (from ``metrics.jsonl``)."""
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        rows = [row for row in r.history if "val/acc" in row]
-        if rows:
-            ax.plot([row["seconds"] / 60 for row in rows], [100 * row["val/acc"] for row in rows], "o-",
-                    markersize=3, label=r.name)
-    ax.set_xlabel("training time (min)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{group}: validation accuracy against time")
-    ax.legend(fontsize=6)
-    figure.tight_layout()
-    return figure
+    return history_figure(group, runs, "val/acc", "seconds", ("training time (min)", "validation accuracy (%)",
+                          "validation accuracy against time"), scale=100, x_scale=1 / 60, style="o-")
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -65,7 +65,6 @@ class Sweep:
     recipe: Path
     out: Path
     jobs: int
-    test_ckpt: str
     runs: list[SweepRun]
 
 
@@ -129,7 +128,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ValueError(f"{path}: run {name}: the sweep sets --checkpoint.dirpath itself (<out>/<run>); drop it")
         runs.append(SweepRun(name, Path(config), [*common, *_strings(entry.get("args", []), f"run {name}")],
                              out / name, run_ckpt))
-    return Sweep(recipe, out, jobs, test_ckpt, runs)
+    return Sweep(recipe, out, jobs, runs)
 
 
 def commands(sweep: Sweep, run: SweepRun) -> list[list[str]]:
