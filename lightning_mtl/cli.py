@@ -197,6 +197,27 @@ _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "E
           "Expected a <class 'NoneType'>", "Expected a <class 'str'>", "Problem with given class_path")
 
 
+def code_revision(root: str | Path | None = None,
+                  paths: tuple[str, ...] = ("lightning_mtl", "datamodules", "recipes")) -> str | None:
+    """The short commit of the checkout at ``root`` (default: the library's own), with ``-dirty`` when tracked files
+    under ``paths`` differ from it: the code a run is about to use. ``None`` outside a git checkout (an installed
+    wheel) or without git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD") or None
+        changed = commit is not None and bool(git("status", "--porcelain", "--untracked-files=no", "--", *paths))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if commit is None else commit + ("-dirty" if changed else "")
+
+
 def condense_parser_error(message: str) -> str:
     """jsonargparse's nested union report reduced to its leaves, each with the option's dotted key, e.g.
     ``model.balancer.c: Expected a <class 'float'>. Got value: abc.`` (the full report: ``JSONARGPARSE_DEBUG=1``)."""
@@ -697,12 +718,12 @@ class RecipeCLI(LightningCLI):
         import time
 
         self._fit_started = time.time()
+        self._fit_revision = code_revision()  # read now: the working tree may change while a long fit runs
 
     def _write_run_record(self) -> None:
         """``run.json`` beside the checkpoints: what ``recipes/report.py`` needs to tell how a result was made (command,
         hardware, precision, versions, commit, steps, wall time of the fit)."""
         import platform
-        import subprocess
         import time
 
         import lightning
@@ -710,11 +731,7 @@ class RecipeCLI(LightningCLI):
         dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
         if dirpath is None or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
             return
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
+        commit = getattr(self, "_fit_revision", None)
         accelerator = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
         record = {

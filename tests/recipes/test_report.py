@@ -199,3 +199,31 @@ def test_readme_summary_block_is_replaced_and_the_rest_kept(sweep, tmp_path):
     readme.write_text("# no block\n")
     with pytest.raises(ValueError, match="has no <!-- report:summary -->"):
         report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--readme", str(readme)])
+
+
+def test_code_revision_names_the_commit_and_marks_changed_library_files(tmp_path):
+    """run.json's commit: the checkout's short hash, "-dirty" when a tracked file of the library differs from it
+    (an untracked file or a change outside the library's folders does not count), None outside a checkout."""
+    import shutil
+    import subprocess
+
+    from lightning_mtl.cli import code_revision
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    assert code_revision(tmp_path) is None
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "lightning_mtl").mkdir()
+    (tmp_path / "lightning_mtl" / "m.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("a\n")
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert code_revision(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("b\n")
+    (tmp_path / "lightning_mtl" / "new.py").write_text("")
+    assert code_revision(tmp_path) == head
+    (tmp_path / "lightning_mtl" / "m.py").write_text("x = 2\n")
+    assert code_revision(tmp_path) == head + "-dirty"
