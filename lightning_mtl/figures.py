@@ -3,7 +3,7 @@
 :class:`ResultFigures` is a callback: add it with ``--trainer.callbacks+=lightning_mtl.figures.ResultFigures``.
 
 * during multi-task training, every ``heatmap_every`` steps: the K x K cosine similarity of the task gradients on the
-  shared parameters (the model's ``diag/cos/<a>|<b>`` diagnostics, for up to 8 tasks) as a heatmap;
+  shared parameters (the model's ``diag/cos/<a>|<b>`` diagnostics, for up to 16 tasks) as a heatmap;
 * at the end of ``test``: per-task test error (multi-task) or the accuracy with its 95% interval (few-shot) as a bar
   chart, and the test metrics as a ``wandb.Table``.
 
@@ -128,7 +128,7 @@ class ResultFigures(Callback):
         if not (self.heatmap_every and diagnostics and tasks and step % self.heatmap_every == 0):
             return
         if not any(str(k).startswith("cos/") for k in diagnostics):
-            return  # more than 8 tasks: the pairwise cosines are not logged one by one
+            return  # more than 16 tasks: the pairwise cosines are not logged one by one
         self._log(trainer, {"figures/gradient_conflict": conflict_heatmap(diagnostics, list(tasks), step)})
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -18,7 +18,7 @@ their parent folder (``runs/<dataset>/<config>``); a group is multi-task when it
   curve and every other run as a labelled point;
 * task-gradient conflict, where the runs logged ``diag/*`` (``diagnostics_every``; a ``meta_balancer``'s episode
   gradients too): the mean cosine over training per run (table column and ``<group>_conflict.png``) and the K x K
-  cosine heatmap at the end of training (``<group>_<run>_heatmap.png``, at most 8 tasks);
+  cosine heatmap at the end of training (``<group>_<run>_heatmap.png``, at most 16 tasks);
 * few-shot groups: test accuracy ± 95% CI over the fixed test episodes (and the worst task family's accuracy where
   the episodes carry families), ``<group>_accuracy.png``; validation accuracy against training time per run,
   ``<group>_val_curve.png``.

@@ -6,12 +6,12 @@ import torch
 from torch import Tensor
 
 
-def gradient_diagnostics(matrix: Tensor, tasks: list[str], full_matrix_up_to: int = 8) -> dict[str, Tensor]:
+def gradient_diagnostics(matrix: Tensor, tasks: list[str], full_matrix_up_to: int = 16) -> dict[str, Tensor]:
     """Pairwise cosine similarities and gradient-norm ratios of task gradients.
 
     Returns ``cos_mean``, ``cos_min`` and ``conflict_frac`` (share of task pairs with negative cosine) over the pairs,
     ``grad_norm_ratio/<task>`` (the task's gradient norm over the mean norm) and, for at most ``full_matrix_up_to``
-    tasks, every ``cos/<a>|<b>``.
+    tasks (16 by default: 120 pairs; beyond, the K² values would swamp the logger), every ``cos/<a>|<b>``.
     """
     m = matrix.float()
     norms = m.norm(dim=1)  # (K,)
