@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import DefaultHelpFormatter
+from lightning import __version__ as lightning_version
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
@@ -26,6 +27,7 @@ from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
 from lightning_mtl.history import MetricsHistory
 from lightning_mtl.progress import IntervalBar, LineProgress
+from lightning_mtl.records import code_revision, hardware
 
 
 def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str | None:
@@ -195,27 +197,6 @@ def end_distributed() -> None:
 
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
           "Expected a <class 'NoneType'>", "Expected a <class 'str'>", "Problem with given class_path")
-
-
-def code_revision(root: str | Path | None = None,
-                  paths: tuple[str, ...] = ("lightning_mtl", "datamodules", "recipes")) -> str | None:
-    """The short commit of the checkout at ``root`` (default: the library's own), with ``-dirty`` when tracked files
-    under ``paths`` differ from it: the code a run is about to use. ``None`` outside a git checkout (an installed
-    wheel) or without git."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10,
-                              check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD") or None
-        changed = commit is not None and bool(git("status", "--porcelain", "--untracked-files=no", "--", *paths))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return None if commit is None else commit + ("-dirty" if changed else "")
 
 
 def condense_parser_error(message: str) -> str:
@@ -687,8 +668,30 @@ class RecipeCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(IntervalBar() if sys.stdout.isatty()
                              else LineProgress(every_n_steps=config.get("log_every_n_steps") or 50))
+        callbacks += self._figures(config.get("logger"), given)
         return super()._instantiate_trainer({**config, "plugins": plugins, "logger": self._with_history(config, given)},
                                             callbacks)
+
+    def _figures(self, logger, given: list) -> list:
+        """:class:`~lightning_mtl.figures.ResultFigures` for a run that logs to W&B (the conflict heatmap during
+        multi-task training, the test figure and table at the end), unless the config gives its own (e.g. with
+        ``heatmap_every: 0``) or matplotlib is missing (said once)."""
+        from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+        from lightning_mtl.figures import ResultFigures
+
+        loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        if not any(isinstance(lg, LightningWandbLogger) for lg in loggers):
+            return []
+        if any(isinstance(c, ResultFigures) for c in given):
+            return []
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            rank_zero_info("W&B gets no figures (conflict heatmaps, test figures): they need matplotlib, "
+                           "pip install 'lightning-mtl[report]'.")
+            return []
+        return [ResultFigures()]
 
     def _with_history(self, config: dict, callbacks: list):
         """The configured logger(s) plus, for ``fit``, :class:`~lightning_mtl.history.MetricsHistory` writing
@@ -723,24 +726,19 @@ class RecipeCLI(LightningCLI):
     def _write_run_record(self) -> None:
         """``run.json`` beside the checkpoints: what ``recipes/report.py`` needs to tell how a result was made (command,
         hardware, precision, versions, commit, steps, wall time of the fit)."""
-        import platform
         import time
-
-        import lightning
 
         dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
         if dirpath is None or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
             return
-        commit = getattr(self, "_fit_revision", None)
-        accelerator = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                       else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
+        device = self.trainer.strategy.root_device
         record = {
             "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *getattr(self, "_raw_args", [])]),
             "subcommand": "fit", "global_step": int(self.trainer.global_step),
             "fit_seconds": round(time.time() - getattr(self, "_fit_started", time.time()), 1),
             "precision": str(self.trainer.precision), "devices": int(self.trainer.world_size),
-            "hardware": accelerator, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "lightning": lightning.__version__, "commit": commit,
+            "hardware": hardware("cuda" if device.type == "cuda" else "cpu"), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "lightning": lightning_version, "commit": getattr(self, "_fit_revision", None),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         Path(dirpath).mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """Figures logged to Weights & Biases during and after a run (matplotlib; ``pip install lightning-mtl[report]``).
 
-:class:`ResultFigures` is a callback: add it with ``--trainer.callbacks+=lightning_mtl.figures.ResultFigures``.
+:class:`ResultFigures` is a callback. The recipes add it to every run that logs to W&B (their default logger); give
+your own to change it, e.g. ``--trainer.callbacks+=lightning_mtl.figures.ResultFigures
+--trainer.callbacks.heatmap_every 100``, and add it yourself to a Trainer of your own.
 
 * during multi-task training, every ``heatmap_every`` steps: the K x K cosine similarity of the task gradients on the
   shared parameters (the model's ``diag/cos/<a>|<b>`` diagnostics, for up to 16 tasks) as a heatmap;

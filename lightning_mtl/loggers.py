@@ -18,7 +18,7 @@ def logs_at(trainer, steps_done: int) -> bool:
     ``trainer.log_every_n_steps``; every step in ``fast_dev_run`` or without a trainer).
 
     Step metrics are only flushed then, and each ``self.log`` call costs Python time that shows on small steps
-    (docs/benchmarks.md), so training steps of both halves log only when it counts: before its optimizer step a
+    (docs/history.md), so training steps of both halves log only when it counts: before its optimizer step a
     module asks ``logs_at(trainer, global_step + 1)``, after it ``logs_at(trainer, global_step)``.
     """
     if trainer is None or trainer.fast_dev_run:

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 
 from lightning_mtl.figures import ResultFigures, accuracy_interval, conflict_heatmap, per_task_error
 
+REPO = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(Path(__file__).parent / "mtl"))
 from toy import global_batches, make_model  # noqa: E402
 
@@ -56,3 +58,28 @@ def test_callback_logs_heatmaps_and_test_figures_to_an_offline_wandb_run(tmp_pat
     assert len([n for n in images if n.startswith("gradient_conflict_")]) == 2, images  # one per training step
     assert len([n for n in images if n.startswith("test_")]) == 1, images
     assert len(list(tmp_path.rglob("media/table/tables/test_metrics_*.table.json"))) == 1
+
+
+def test_recipes_add_the_figures_to_runs_that_log_to_wandb(tmp_path, monkeypatch):
+    """A recipe run logging to W&B (the configs' default) gets ResultFigures without asking; a run without W&B gets
+    none, and a ResultFigures of the config's own replaces ours."""
+    import importlib.util
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = importlib.util.spec_from_file_location("multitask_recipe_for_figures", REPO / "recipes" / "multitask.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = str(REPO / "recipes" / "configs" / "multimnist" / "hps_equal_quick.yaml")
+
+    def figures(*extra: str) -> list:
+        cli = recipe.MultiTaskCLI(recipe.MultiTaskModule, subclass_mode_model=True, subclass_mode_data=True,
+                                  run=False, args=["--config", config, f"--checkpoint.dirpath={tmp_path}/ckpt",
+                                                   f"--trainer.logger.init_args.save_dir={tmp_path}/wandb", *extra])
+        return [c for c in cli.trainer.callbacks if isinstance(c, ResultFigures)]
+
+    (ours,) = figures()
+    assert ours.heatmap_every == 500
+    assert figures("--trainer.logger=false") == []
+    (given,) = figures("--trainer.callbacks+=lightning_mtl.figures.ResultFigures",
+                       "--trainer.callbacks.heatmap_every=7")
+    assert given.heatmap_every == 7

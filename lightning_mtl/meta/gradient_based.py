@@ -233,7 +233,7 @@ class GradientLearner(EpisodicModule):
 
     #: how the tasks of a meta-batch are adapted: ``"loop"`` one after another, ``"vmap"`` all at once with
     #: ``torch.func.vmap`` over ``torch.func.grad_and_value``, ``"auto"`` vmap on CUDA and the loop elsewhere (on CPU
-    #: vmap was slower; docs/benchmarks.md). Second-order training always loops: through BatchNorm's batch
+    #: vmap was slower; docs/history.md). Second-order training always loops: through BatchNorm's batch
     #: statistics the meta-gradient of the vmapped inner loop differed from the loop's (by 0.39 to 3.9 on a Conv-4
     #: test meta-gradient, where the loop matches learn2learn and finite differences), while first-order training and
     #: evaluation agree with the loop to 1e-13 (``tests/meta/test_gradient_based.py``). Reptile's in-place inner

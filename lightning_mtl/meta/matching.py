@@ -102,7 +102,7 @@ class MatchingNetwork(EpisodicModule):
             larger values sharpen it (TADAM's metric scaling, Oreshkin et al. 2018). A backbone ending in ReLU (Conv-4)
             gives non-negative features, so cosines lie in [0, 1] and at scale 1 the attention can put at most
             e / (e + 4) ≈ 40% on the right example of a 5-way 1-shot episode: the loss saturates (a far lower
-            Omniglot 5-way 1-shot accuracy at scale 1: docs/benchmarks.md); the quick Omniglot config uses 10.
+            Omniglot 5-way 1-shot accuracy at scale 1: docs/history.md); the quick Omniglot config uses 10.
         optimizer: optimizer factory; default Adam, lr 1e-3.
         lr_scheduler: scheduler factory, stepped every episode batch.
         meta_balancer: gradient aggregator of the per-episode outer gradients of a meta-batch (``pcgrad``, ``mgda``,

@@ -43,7 +43,7 @@ def task_matrix_vmap(losses: Tensor, z: Tensor, params: Sequence[Tensor], out: T
     The ``(K, *z.shape)`` task gradients w.r.t. ``z`` come from one vmapped backward of ``losses`` (shape ``(K,)``)
     through the heads, then the rows from one vmapped backward of ``z`` (``is_grads_batched=True``) through the
     backbone, as torchjd's ``mtl_backward`` does. Fewer, larger kernels: on an H200 faster than the loop at
-    K = 4 (launch-bound backward passes), but slower at K = 50, and slower on CPU at both (docs/benchmarks.md).
+    K = 4 (launch-bound backward passes), but slower at K = 50, and slower on CPU at both (docs/history.md).
     """
     k = losses.shape[0]
     eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
@@ -62,7 +62,7 @@ class Buffer:
     """A float32 matrix kept from step to step.
 
     Per-task gradient matrices are megabytes; allocating a fresh one every step makes the allocator map new pages
-    and fault them in, which on CPU cost more than the arithmetic (docs/benchmarks.md).
+    and fault them in, which on CPU cost more than the arithmetic (docs/history.md).
     """
 
     def __init__(self) -> None:

@@ -352,7 +352,7 @@ class MultiTaskModule(WeightsOnlyLoading, L.LightningModule):
     def _vmap_through(self, graphs: list[Tensor]) -> Tensor | None:
         """The one representation tensor to vmap the task Jacobian through, when ``jacobian`` asks for it."""
         mode = self.hparams.jacobian
-        if mode == "auto":  # on an H200 vmap was faster at K = 4, slower at K = 50 (docs/benchmarks.md)
+        if mode == "auto":  # on an H200 vmap was faster at K = 4, slower at K = 50 (docs/history.md)
             mode = "vmap" if self.device.type == "cuda" and len(self.task_names) <= VMAP_MAX_TASKS else "loop"
         return graphs[0] if mode == "vmap" and len(graphs) == 1 else None
 

@@ -8,7 +8,7 @@ ones (``features.{0,4,8,12}`` convolutions, ``features.{1,5,9,13}`` BatchNorms).
 
 The BatchNorms normalise a channels-last map as the ``(N*H*W, C)`` matrix it is in memory (:class:`BatchNorm2d`):
 the same statistics and results, but PyTorch's kernels reduce that matrix much faster than the 4-D channels-last
-tensor, most of all in the double backward that second-order MAML differentiates through (docs/benchmarks.md).
+tensor, most of all in the double backward that second-order MAML differentiates through (docs/history.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Conv4(nn.Module):
         track_running_stats: keep BatchNorm running statistics for evaluation. ``False`` makes BatchNorm always use
             the statistics of the current batch (transductive, as in MAML's published code).
         channels_last: keep weights and activations in channels-last layout: faster convolutions on CPUs
-            with AVX-512 and on GPUs with tensor cores (docs/benchmarks.md), same results up to rounding.
+            with AVX-512 and on GPUs with tensor cores (docs/history.md), same results up to rounding.
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     statistics and the gradients are those of ``nn.BatchNorm2d`` (up to the order of floating-point sums). PyTorch
     reduces the 4-D channels-last tensor one dimension at a time (``sum(0)``, then ``sum(3)``, ``sum(2)``) in
     BatchNorm's double backward, which second-order MAML runs every inner step; on the matrix each sum is one
-    contiguous reduction, faster for the whole second-order BatchNorm on CPU, in fp32 and bf16 (docs/benchmarks.md).
+    contiguous reduction, faster for the whole second-order BatchNorm on CPU, in fp32 and bf16 (docs/history.md).
     NCHW inputs take ``nn.BatchNorm2d``'s own path. Parameters, buffers and their names are ``nn.BatchNorm2d``'s.
     """
 

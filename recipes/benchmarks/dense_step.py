@@ -67,6 +67,7 @@ from lightning_mtl.mtl.architectures import MTAN
 from lightning_mtl.mtl.balancing import GradientAggregator, balancer_class
 from lightning_mtl.mtl.tasks import DepthTask, NormalTask, SegmentationTask
 from lightning_mtl.nn import SegNet
+from lightning_mtl.records import provenance, table, write_json
 
 CLASSES = 13  # NYUv2's
 MISSING = 0.05  # fraction of unlabelled pixels per target
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {device}; torch {torch.__version__}; lightning {L.__version__}")
     print(f"SegNet-MTAN, 3 NYUv2 tasks, batch {args.batch_size} x 3 x {args.height} x {args.width}, "
           f"{args.steps - args.warmup} timed steps (median) after {args.warmup}; memory: {measure}", flush=True)
-    results = {"device": device, "settings": vars(args), "memory_measure": measure, "runs": []}
+    results = {"record": provenance([__file__, *argv], accelerator=args.accelerator),
+               "device": device, "settings": vars(args), "memory_measure": measure, "runs": []}
     print_header(cuda)
     for precision in args.precisions:
         for method in args.methods:
@@ -248,11 +250,29 @@ def main(argv: list[str] | None = None) -> dict:
                        else run_subprocess(argv, precision, method, level))  # a child writes no --json
                 results["runs"].append(row)
                 print_row(row, results["runs"])  # as it comes: a long CPU run shows its rows before it ends
+    results["tables"] = [tables(results)]
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return results
+
+
+def vs_equal(row: dict, rows: list[dict]) -> float | None:
+    """``row``'s step time over ``equal``'s at the same precision (``None`` where equal did not run)."""
+    equal = next((r["ms_per_step"] for r in rows if r["method"] == "equal" and r["precision"] == row["precision"]),
+                 None)
+    return row["ms_per_step"] / equal if equal else None
+
+
+def tables(results: dict) -> dict:
+    """The rows as the table ``recipes/report.py`` renders (``docs/benchmarks.md``)."""
+    s, rows = results["settings"], results["runs"]
+    return table(
+        "SegNet-MTAN on NYUv2-shaped batches (segmentation, depth, normals): step time and memory",
+        ["precision", "method", "level", "ms/step", "vs equal", "base MB", "peak MB", "added MB"],
+        [[r["precision"], r["method"], r["level"], r["ms_per_step"], vs_equal(r, rows), r.get("base_mb"),
+          r.get("peak_mb"), r["memory_mb"]] for r in rows],
+        note=f"Batch {s['batch_size']} x 3 x {s['height']} x {s['width']}, median of {s['steps'] - s['warmup']} "
+             f"timed steps after {s['warmup']}; memory: {results['memory_measure']}; {results['device']}.")
 
 
 def print_header(cuda: bool) -> None:
@@ -263,9 +283,8 @@ def print_header(cuda: bool) -> None:
 
 def print_row(row: dict, rows: list[dict]) -> None:
     """``row`` of the table; ``vs equal`` divides by ``equal`` at the same precision, where it ran before."""
-    equal = next((r["ms_per_step"] for r in rows if r["method"] == "equal" and r["precision"] == row["precision"]),
-                 None)
-    ratio = f"{row['ms_per_step'] / equal:9.2f}" if equal else f"{'-':>9s}"
+    ratio = vs_equal(row, rows)
+    ratio = f"{ratio:9.2f}" if ratio else f"{'-':>9s}"
     if row["memory_mb"] is None:
         memory = f"{'-':>14s} {'-':>14s} {'-':>9s}"
     else:

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -51,6 +49,7 @@ from lightning_mtl.callbacks import StepTimer
 from lightning_mtl.datamodules import EpisodeSampler, EpisodeStream, OmniglotEpisodes
 from lightning_mtl.meta import MAML, ProtoNet, prototypes, squared_euclidean_logits
 from lightning_mtl.nn import Conv4
+from lightning_mtl.records import provenance, table, write_json
 
 
 def class_images(n_classes: int = 4112) -> tuple[np.ndarray, str]:
@@ -297,13 +296,42 @@ def check_targets(runs: list[dict]) -> list[dict]:
     return checks
 
 
-def write_json(path: str, results: dict) -> None:
-    """Written whole to a temporary file, then moved: a run killed mid-write leaves the previous version."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+def tables(results: dict) -> list[dict]:
+    """The rows so far as the tables ``recipes/report.py`` renders (``docs/benchmarks.md``)."""
+    steps = table(
+        "Training step: ours (Lightning) against the raw PyTorch loop and learn2learn",
+        ["method", "precision", "raw ms", "ours ms", "ours / raw", "episodes/s", "learn2learn ms",
+         "learn2learn / ours", "peak MB", "device"],
+        [[r["method"], r["precision"], r["raw_ms"], r["lightning_ms"], r["ratio"], r["episodes_per_s"],
+          r["learn2learn_ms"], r["speedup_vs_learn2learn"], r["peak_mem_mb"], r["device"]] for r in results["runs"]],
+        note=f"Median step time over {results['settings']['repeats']} alternating repeats of "
+             f"{results['settings']['steps'] - results['settings']['warmup']} timed steps each; "
+             f"learn2learn's Conv-4: --l2l-layout {results['l2l_layout']}; data: {results['data']}; episode "
+             f"sampler alone: {results['sampler_episodes_per_s']:,.0f} episodes/s (5-way 1-shot 15-query, one "
+             f"process). Peak MB is measured on CUDA only.")
+    found = [steps]
+    if results["targets"]:
+        found.append(table("Targets of issue #18 (stated for the GPU)",
+                           ["target", "row", "value", "threshold", "verdict", "why n.a."],
+                           [[c["target"], c["row"], c["value"], c["threshold"], c["verdict"], c["reason"]]
+                            for c in results["targets"]]))
+    return found
+
+
+def headline(results: dict) -> list[list[str]]:
+    """One line per measured row for the README: our step against the raw loop's and learn2learn's."""
+    lines = []
+    for r in results["runs"]:
+        peer = (f"; {r['speedup_vs_learn2learn']:.2f}× learn2learn's episodes/s"
+                if r["speedup_vs_learn2learn"] is not None else "")
+        lines.append([f"{r['method']}, {r['precision']}: training step",
+                      f"{r['ratio']:.2f}× the raw loop's time{peer}"])
+    return lines
+
+
+def save(path: str | None, results: dict) -> None:
+    if path:
+        write_json(path, {**results, "tables": tables(results), "headline": headline(results)})
 
 
 def learn2learn_available() -> bool:
@@ -364,8 +392,9 @@ def main() -> None:
                                  maml_label(m))
     if peer:
         print(f"learn2learn peers' Conv-4: --l2l-layout {args.l2l_layout}")
-    results = {"device": device_name, "sampler_episodes_per_s": rate, "l2l_layout": args.l2l_layout,
-               "settings": vars(args), "data": source, "torch": torch.__version__, "lightning": L.__version__,
+    results = {"record": provenance(accelerator=args.accelerator), "device": device_name,
+               "sampler_episodes_per_s": rate, "l2l_layout": args.l2l_layout, "settings": vars(args), "data": source,
+               "torch": torch.__version__, "lightning": L.__version__,
                "complete": False, "runs": [], "targets": []}
     print(f"{'method':52s} {'precision':>10s} {'raw ms':>8s} {'lightning ms':>12s} {'ratio':>6s} {'episodes/s':>10s}"
           f" {'l2l ms':>8s} {'l2l/ours':>8s} {'peak MB':>8s}  device")
@@ -407,8 +436,7 @@ def main() -> None:
                                     "peak_mem_mb": peak_mb["lightning"], "raw_peak_mem_mb": peak_mb["raw"],
                                     "learn2learn_peak_mem_mb": peak_mb.get("learn2learn"), "device": device_name,
                                     "repeats_ms": {loop: [1e3 * t for t in v] for loop, v in times.items()}})
-            if args.json:
-                write_json(args.json, results)
+            save(args.json, results)
 
     results["targets"] = check_targets(results["runs"])
     results["complete"] = True
@@ -417,8 +445,7 @@ def main() -> None:
         value = f"{c['value']:.3f}" if c["value"] is not None else "-"
         print(f"  {c['verdict']:5s} {c['target']}: {c['row']}: {value} (threshold {c['threshold']:g})"
               + (f"; {c['reason']}" if c["reason"] else "") + f"  [{device_name}]")
-    if args.json:
-        write_json(args.json, results)
+    save(args.json, results)
 
 
 if __name__ == "__main__":

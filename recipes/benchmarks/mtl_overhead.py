@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -78,6 +76,7 @@ from lightning_mtl.mtl.architectures import ArchitectureCallable, list_architect
 from lightning_mtl.mtl.balancing import GradientAggregator, balancer_class, list_balancers
 from lightning_mtl.mtl.balancing.torchjd_aggregator import TorchJDAggregator
 from lightning_mtl.nn import Conv4
+from lightning_mtl.records import provenance, table, write_json
 
 INPUT_SHAPE = (1, 28, 28)
 HARD = "HardSharing"
@@ -376,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"backbone {args.backbone} (hidden {args.hidden}), batch {args.batch_size}, {args.classes} classes/task, "
           f"{args.steps - args.warmup} timed steps after {args.warmup}, median of {args.repeats}")
     signatures = copy_signatures(make_backbone(args.backbone, args.hidden))
-    results = {"device": device_name, "settings": vars(args), "runs": [], "skipped": [],
+    results = {"record": provenance(argv=None if argv is None else [__file__, *argv], accelerator=args.accelerator),
+               "device": device_name, "settings": vars(args), "runs": [], "skipped": [],
                "libmtl": {"available": lib is not None, "version": lib_version if lib else None,
                           "reason": None if lib else lib_version}}
 
@@ -419,11 +419,68 @@ def main(argv: list[str] | None = None) -> dict:
                     t = time_raw(args, k, method if loop == "torchjd" else None, batches)
                 times[run].append(t)
         report(k, runs, times, counters, skipped, results)
+    results["tables"], results["headline"] = tables(results), headline(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return results
+
+
+def span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}×" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}×"
+
+
+def headline(results: dict) -> list[list[str]]:
+    """For the README, per K: our step against torchjd's for the same aggregator (parameter level, the same
+    Jacobian) and against LibMTL's bare loop."""
+    rows, lines = results["runs"], []
+    for k in dict.fromkeys(r["tasks"] for r in rows):
+        jd = [r for r in rows if r["tasks"] == k and r["ratio_vs_torchjd"] and r["level"] == "parameter"]
+        if jd:
+            lines.append([f"{', '.join(dict.fromkeys(r['method'] for r in jd))} on hard sharing, K = {k}: step",
+                          f"{span([r['ratio_vs_torchjd'] for r in jd])} torchjd's time"])
+        lib = [r for r in rows if r["tasks"] == k and r["ratio_vs_libmtl"]]
+        if lib:
+            methods = ", ".join(LIBMTL_WEIGHTINGS[m] for m in dict.fromkeys(r["method"] for r in lib))
+            archs = ", ".join(LIBMTL_ARCHITECTURES[a] for a in dict.fromkeys(r["architecture"] for r in lib))
+            lines.append([f"{methods} on {archs}, K = {k}: step", f"{span([r['ratio_vs_libmtl'] for r in lib])} "
+                          f"LibMTL's time"])
+    return lines
+
+
+def tables(results: dict) -> list[dict]:
+    """The rows of every K as the tables ``recipes/report.py`` renders (``docs/benchmarks.md``)."""
+    settings, rows = results["settings"], results["runs"]
+    where = (f"{settings['backbone']} backbone (hidden {settings['hidden']}), batch {settings['batch_size']}, "
+             f"{settings['classes']} classes per task, median of {settings['repeats']} alternating repeats of "
+             f"{settings['steps'] - settings['warmup']} timed steps; {results['device']}")
+    methods = [[r["method"] if r["loop"] == "ours" else f"{r['loop']}:{r['method']}", r["level"], r["tasks"],
+                r["ms_per_step"], r["ratio_vs_equal"], r["ratio_vs_torchjd"]]
+               for r in rows if r["architecture"] == HARD and r["loop"] != "libmtl"]
+    found = [table("Balancing methods on hard sharing: step time", ["method", "level", "K", "ms/step", "vs equal",
+                                                                     "ours / torchjd"], methods, note=where)]
+    archs = []
+    for r in rows:
+        if r["shared_forwards_per_step"] is not None:
+            counts = list(r["shared_forwards_per_step"].values())
+            low, high = (min(counts), max(counts)) if counts else (0, 0)
+            archs.append([r["architecture"], r["tasks"], r["ms_per_step"], r["ratio_vs_hard"],
+                          f"{low}{'' if low == high else f'-{high}'} ({len(counts)})"])
+    archs += [[s["architecture"], s["tasks"], None, None, f"skipped: {s['reason']}"] for s in results["skipped"]]
+    if archs:
+        found.append(table("Architectures at equal weighting: step time", ["architecture", "K", "ms/step", "vs hard",
+                                                                           "forwards per step (copies)"], archs,
+                           note="Forwards per step: how often each copy of the backbone (or of its stages, experts,"
+                                " columns) ran in one step; each must run once."))
+    lib = {(r["method"], r["level"], r["architecture"], r["tasks"]): r for r in rows if r["loop"] == "libmtl"}
+    pairs = [[f"{r['method']}/{LIBMTL_WEIGHTINGS[r['method']]}",
+              f"{r['architecture']}/{LIBMTL_ARCHITECTURES[r['architecture']]}", r["tasks"], r["ms_per_step"],
+              lib[(r["method"], r["level"], r["architecture"], r["tasks"])]["ms_per_step"], r["ratio_vs_libmtl"]]
+             for r in rows if r["loop"] == "ours" and r["ratio_vs_libmtl"]]
+    if pairs:
+        found.append(table(f"Against LibMTL {results['libmtl']['version']} (its bare per-step loop)",
+                           ["method", "architecture", "K", "ours ms", "LibMTL ms", "ours / LibMTL"], pairs))
+    return found
 
 
 def report(k: int, runs: list[tuple], times: dict, counters: dict, skipped: list[dict], results: dict) -> None:

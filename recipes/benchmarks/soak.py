@@ -48,6 +48,7 @@ import torch
 from lightning_mtl import Episode
 from lightning_mtl.datamodules import EpisodeSettings, OmniglotEpisodes
 from lightning_mtl.meta import ProtoNet
+from lightning_mtl.records import provenance, table
 
 # odd 64-bit weights of the image fingerprint (a random linear hash of the pixels, modulo 2**64)
 _WEIGHTS = np.random.default_rng(20240601).integers(1, 2**63, 28 * 28 * 64, dtype=np.uint64) | np.uint64(1)
@@ -149,6 +150,24 @@ class _SoakCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.soak.take(batch)
+
+
+def tables(summary: dict) -> list[dict]:
+    """The checks and the memory growth as the tables ``recipes/report.py`` renders (``docs/benchmarks.md``)."""
+    stream, memory = summary["training_stream"], summary["memory"]
+    s = summary["settings"]
+    return [
+        table("Memory after warm-up", ["measure", "baseline MiB", "largest MiB", "end MiB", "largest growth",
+                                       "growth at the end"],
+              [[name, m["baseline_mib"], m["max_mib"], m["end_mib"], f"{100 * m['growth_max']:+.2f}%",
+                f"{100 * m['growth_end']:+.2f}%"]
+               for name, m in memory.items() if isinstance(m, dict)],
+              note=f"{stream['episodes']:,} training episodes ({s['ways']}-way {s['shots']}-shot {s['queries']}-query,"
+                   f" meta-batch {s['meta_batch_size']}) through {s['workers']} workers, {summary['mode']}, "
+                   f"{stream['episodes_per_second']:,} episodes/s; baseline at episode "
+                   f"{memory['baseline_at_episode']:,}; growth limit {100 * s['max_growth']:g}%."),
+        table("Checks", ["check", "passed"], [[name, ok] for name, ok in summary["checks"].items()]),
+    ]
 
 
 def growth(samples: list[dict], warmup: float, total: int) -> dict:
@@ -270,6 +289,15 @@ def main(argv: list[str] | None = None) -> dict:
         "passed": all(checks.values()),
         "samples": [{k: round(v, 1) if isinstance(v, float) else v for k, v in s.items()} for s in soak.samples],
     }
+    summary["record"] = provenance(["recipes/benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)],
+                                   accelerator=args.accelerator if args.train else "cpu")
+    summary["tables"] = tables(summary)
+    stream, rss, pss = summary["training_stream"], memory["rss_total"], memory["pss_total"]
+    summary["headline"] = [[
+        f"{stream['episodes']:,} training episodes through {args.workers} workers",
+        f"memory after warm-up {100 * rss['growth_max']:+.2f}% RSS, {100 * pss['growth_max']:+.2f}% PSS (limit "
+        f"{100 * args.max_growth:g}%); {stream['duplicates']} duplicate episodes; checks "
+        f"{'passed' if all(checks.values()) else 'FAILED'}"]]
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:

@@ -39,6 +39,10 @@ def test_tiny_cpu_run_reports_time_and_memory(tmp_path, capsys):
     assert row["memory_mb"] == pytest.approx(row["peak_mb"] - row["base_mb"]) and row["memory_mb"] > 400
     table = capsys.readouterr().out
     assert "VmHWM" in table and "upgrad" in table and "representation" in table and "+mem MB" in table
+    (rendered,) = results["tables"]  # what docs/benchmarks.md shows, with the command that made it
+    assert rendered["rows"] == [["32-true", "upgrad", "representation", row["ms_per_step"], None, row["base_mb"],
+                                 row["peak_mb"], row["memory_mb"]]]  # no equal run: no ratio
+    assert results["record"]["command"].endswith(f"--json {out}")
 
 
 def test_arguments_are_checked_and_loss_weightings_have_no_level():

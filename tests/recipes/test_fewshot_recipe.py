@@ -385,7 +385,7 @@ def test_a_users_own_episodic_datamodule_runs_through_the_recipe(tmp_path):
     record = json.loads((tmp_path / "runs" / "glyphs" / "checkpoints" / "run.json").read_text())  # for report.py
     assert record["global_step"] == 20 and record["fit_seconds"] > 0 and record["precision"] == "32-true"
     assert record["command"].endswith("fit --config glyphs.yaml --data.episodes.test_episodes=24")
-    from lightning_mtl.cli import code_revision
+    from lightning_mtl.records import code_revision
 
     assert record["commit"] == code_revision()  # read when the fit started (None outside a git checkout)
 

@@ -61,6 +61,13 @@ def test_benchmark_runs_against_learn2learn(layout, l2l, tmp_path):
     assert len(verdicts) == len(runs) + (len(runs) - 1) + 1  # ratio per row, speed-up per MAML row, memory
     assert set(verdicts) <= {"PASS", "FAIL", "n.a."} and verdicts[-1] == "n.a."  # no CUDA memory on CPU
     assert "targets (issue #18 item 5" in proc.stdout
+    # what docs/benchmarks.md shows: the command and commit beside the same rows
+    assert results["record"]["command"].startswith("python ") and "--json" in results["record"]["command"]
+    assert results["record"]["hardware"].endswith(")") and results["record"]["date"]
+    steps, targets = results["tables"]
+    assert len(steps["rows"]) == len(runs) and all(len(r) == len(steps["columns"]) for r in steps["rows"])
+    assert [r[4] for r in steps["rows"]] == [r["ratio"] for r in results["runs"]]
+    assert [r[4] for r in targets["rows"]] == verdicts
 
 
 def test_targets_come_from_the_measured_rows():

@@ -82,6 +82,16 @@ def test_tiny_run_reports_methods_architectures_and_peers(tmp_path, capsys):
     assert "ours/torchjd" in table and "torchjd:upgrad" in table and "torch:equal" in table and "vs hard" in table
     assert ("ours/libmtl" in table) == libmtl["available"]
 
+    # the tables docs/benchmarks.md renders hold the same rows, with the command that made them
+    assert results["record"]["command"].endswith(f"--json {out}") and "mtl_overhead.py" in results["record"]["command"]
+    titles = [t["title"] for t in results["tables"]]
+    assert titles[:2] == ["Balancing methods on hard sharing: step time", "Architectures at equal weighting: step time"]
+    assert len(titles) == 2 + libmtl["available"]
+    methods, archs = results["tables"][:2]
+    assert len(methods["rows"]) == len(hard) and {r[0] for r in methods["rows"]} >= {"torch:equal", "torchjd:upgrad"}
+    assert [r[0] for r in archs["rows"]] == [key[3] for key in runs if key[0] == "ours" and key[1] == "equal"]
+    assert all(r[4].startswith("1 (") for r in archs["rows"])
+
 
 class _Twice(Architecture):
     """Recomputes the backbone for every task: what the shared-forward check must catch."""

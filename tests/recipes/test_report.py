@@ -207,7 +207,7 @@ def test_code_revision_names_the_commit_and_marks_changed_library_files(tmp_path
     import shutil
     import subprocess
 
-    from lightning_mtl.cli import code_revision
+    from lightning_mtl.records import code_revision
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
@@ -227,3 +227,34 @@ def test_code_revision_names_the_commit_and_marks_changed_library_files(tmp_path
     assert code_revision(tmp_path) == head
     (tmp_path / "lightning_mtl" / "m.py").write_text("x = 2\n")
     assert code_revision(tmp_path) == head + "-dirty"
+
+
+def test_benchmark_results_become_the_benchmarks_page_and_the_readme_speed_rows(sweep, tmp_path):
+    """runs/benchmarks/*.json (a benchmark script's --json) → docs/benchmarks.md sections with the command, commit and
+    hardware above the tables, and the headline as README rows; a file without a record stops the report."""
+    from lightning_mtl.records import provenance, table, write_json
+
+    record = {**provenance(["recipes/benchmarks/fewshot_throughput.py", "--json", "x.json"]), "commit": "abc1234"}
+    write_json(sweep / "benchmarks" / "fewshot_throughput.json", {
+        "record": record, "runs": [],
+        "tables": [table("Training step", ["method", "ours / raw", "peak MB", "passed"],
+                         [["ProtoNet | 60-way", 0.98612, None, True], ["MAML", 1234.5678, float("nan"), False]],
+                         note="Median of 2 repeats.")],
+        "headline": [["ProtoNet, 32: training step", "0.99× the raw loop's time"]]})
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    readme.write_text("<!-- report:summary -->\n<!-- /report:summary -->\n")
+    report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--readme", str(readme),
+                 "--benchmarks", str(page)])
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n") and "do not edit by hand" in text
+    assert "## fewshot_throughput\n\n    python recipes/benchmarks/fewshot_throughput.py --json x.json\n" in text
+    assert f"Commit `abc1234`; {record['hardware']}, {record['torch_threads']} thread" in text
+    assert ("### Training step\n\n| method | ours / raw | peak MB | passed |\n|---|---|---|---|\n"
+            "| ProtoNet \\| 60-way | 0.986 | - | yes |\n| MAML | 1,234.6 | - | no |\n\nMedian of 2 repeats.\n") in text
+    assert (f"| `fewshot_throughput` | ProtoNet, 32: training step | 0.99× the raw loop's time | {record['hardware']}"
+            in readme.read_text())
+    with pytest.raises(ValueError, match="row has 2 cells for 3 columns"):
+        table("t", ["a", "b", "c"], [[1, 2]])
+    (sweep / "benchmarks" / "old.json").write_text(json.dumps({"runs": []}))  # a script's output of before
+    with pytest.raises(ValueError, match="old.json has no 'record' and 'tables'"):
+        report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--benchmarks", str(page)])

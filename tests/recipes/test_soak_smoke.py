@@ -78,6 +78,10 @@ def test_soak_smoke_two_workers(omniglot_root, cache_dir, monkeypatch, tmp_path,
     assert summary["evaluation"]["test"]["episodes"] == 40
     assert summary["training_stream"]["episodes"] == 200
     assert summary["memory"]["samples_after_warmup"] >= 18
+    memory, checks = summary["tables"]  # what docs/benchmarks.md shows
+    assert [r[0] for r in memory["rows"]] == ["rss_total", "rss_main", "rss_workers", "pss_total"]
+    assert checks["rows"] == [[name, True] for name in summary["checks"]]
+    assert summary["record"]["command"].startswith("python recipes/benchmarks/soak.py --episodes 200")
     assert max(s["processes"] for s in summary["samples"]) == 3  # the main process and its 2 workers were sampled
     assert all(s["rss_workers"] > 0 for s in summary["samples"][1:])
 
