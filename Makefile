@@ -1,6 +1,7 @@
 # make demo : create .venv, install, train + test ProtoNet on Omniglot 5-way 1-shot (<= 5 min on 2 CPU cores)
 # make test : create .venv, install with the test extra and learn2learn (parity tests), lint and run the test suite
 # make learn2learn : build learn2learn 0.2.0 from its sdist with a current Cython and install it into .venv
+# make benchmarks : the CPU benchmarks into runs/benchmarks/ (about 30 min on 2 CPU cores), then the generated docs
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ ifneq ($(wildcard $(SHARED)/omniglot),)
 export LIGHTNING_MTL_DATA ?= $(SHARED)
 endif
 
-.PHONY: install install-test demo test lint bench learn2learn clean
+.PHONY: install install-test demo test lint bench benchmarks learn2learn clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,24 @@ test: install-test lint learn2learn
 
 bench: install
 	$(PY) recipes/benchmarks/fewshot_throughput.py
+
+# each writes its command, commit, hardware and tables into runs/benchmarks/<name>.json; report.py renders them into
+# docs/benchmarks.md and the README's speed rows (run it on an otherwise idle machine: the ratios are within-run, the
+# absolute times are not)
+BENCH := runs/benchmarks
+benchmarks: install-test learn2learn
+	$(PY) recipes/benchmarks/fewshot_throughput.py --steps 50 --warmup 10 --repeats 2 --precision 32 bf16-mixed \
+		--json $(BENCH)/fewshot_throughput.json
+	$(PY) recipes/benchmarks/mtl_overhead.py --tasks 4 50 --methods equal uncertainty famo pcgrad mgda upgrad \
+		--torchjd upgrad mgda --architectures --libmtl --steps 25 --warmup 5 --repeats 2 --threads 2 \
+		--json $(BENCH)/mtl_overhead_methods.json
+	$(PY) recipes/benchmarks/mtl_overhead.py --tasks 4 --backbone conv4 --hidden 32 --batch-size 32 \
+		--methods equal pcgrad --torchjd --libmtl equal pcgrad --repeats 3 --threads 2 \
+		--json $(BENCH)/mtl_overhead_architectures.json
+	$(PY) recipes/benchmarks/dense_step.py --precisions 32-true bf16-mixed --steps 3 --warmup 1 --threads 2 \
+		--json $(BENCH)/dense_step.json
+	$(PY) recipes/benchmarks/soak.py --episodes 10000 --workers 4 --json $(BENCH)/soak.json
+	$(PY) recipes/report.py runs --readme README.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
