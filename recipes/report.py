@@ -170,21 +170,30 @@ def _fit_cells(run: Run) -> tuple[str, str, str]:
     return steps, fit, precision
 
 
+def series_styles(n: int) -> list[tuple]:
+    """``n`` distinguishable (colour, line style) pairs: tab10's colours up to 10 series, tab20's up to 20, then
+    tab20 again with other line styles (matplotlib's default cycle repeats its 10 colours)."""
+    plt = _pyplot()
+    colours = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+    return [(colours[i % len(colours)], ("-", "--", ":", "-.")[i // len(colours) % 4]) for i in range(n)]
+
+
 def multitask_figures(group: str, rows: list[dict]):
     """Per-task test error of every run, and Δm% per run: two matplotlib figures."""
     plt = _pyplot()
     tasks = sorted({t for row in rows for t in row["run"].accuracies()})
     per_task, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(tasks) * len(rows) / 2), 4))
     width = 0.8 / max(len(rows), 1)
-    for i, row in enumerate(rows):
+    for i, (row, (colour, _)) in enumerate(zip(rows, series_styles(len(rows)), strict=True)):
         acc = row["run"].accuracies()
         xs = [j + i * width for j, t in enumerate(tasks) if t in acc]
-        ax.bar(xs, [100 * (1 - acc[t]) for t in tasks if t in acc], width=width, label=row["run"].name)
+        ax.bar(xs, [100 * (1 - acc[t]) for t in tasks if t in acc], width=width, color=colour,
+               hatch="//" if i >= 20 else None, label=row["run"].name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=90, fontsize=6)
     ax.set_xlabel("task")
     ax.set_ylabel("test error (%)")
     ax.set_title(f"{group}: per-task test error")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, ncol=1 + len(rows) // 12)
     per_task.tight_layout()
     scored = [row for row in rows if row["delta_m"] is not None]
     bars, ax = plt.subplots(figsize=(6, 4))
@@ -233,20 +242,19 @@ def pareto_figure(group: str, runs: list[Run], tasks: list[str]):
 
 
 def history_figure(group: str, runs: list[Run], key: str, x: str, labels: tuple[str, str, str], scale: float = 1.0,
-                   x_scale: float = 1.0, style: str = "-"):
+                   x_scale: float = 1.0, marker: str | None = None):
     """``scale * key`` against ``x_scale * x`` over the fit's logged rows (``metrics.jsonl``), one line per run that
     logged ``key``; ``labels``: x label, y label, title after the group."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        rows = [row for row in r.history if key in row]
-        if rows:
-            ax.plot([x_scale * row[x] for row in rows], [scale * row[key] for row in rows], style, markersize=3,
-                    label=r.name)
+    drawn = [(r, rows) for r in runs if (rows := [row for row in r.history if key in row])]
+    for (r, rows), (colour, line) in zip(drawn, series_styles(len(drawn)), strict=True):
+        ax.plot([x_scale * row[x] for row in rows], [scale * row[key] for row in rows], marker=marker, linestyle=line,
+                color=colour, markersize=3, label=r.name)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     ax.set_title(f"{group}: {labels[2]}")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, ncol=1 + len(drawn) // 10)
     figure.tight_layout()
     return figure
 
@@ -270,7 +278,7 @@ def heatmap_figure(group: str, run: Run):
         tasks += [t for t in pair[len("cos/"):].split("|") if t not in tasks]
     step = next(row["step"] for row in reversed(run.history) if "diag/cos_mean" in row)
     figure = conflict_heatmap(last, tasks, step)
-    figure.axes[0].set_title(f"{group}/{run.name}: task-gradient cosine, step {step}")
+    figure.axes[0].set_title(f"{group}/{run.name}\ntask-gradient cosine, step {step}", fontsize=9)
     return figure
 
 
@@ -292,7 +300,7 @@ def fewshot_figure(group: str, runs: list[Run]):
 def val_curve_figure(group: str, runs: list[Run]):
     """Validation accuracy against the fit's wall-clock time, one line per run (from ``metrics.jsonl``)."""
     return history_figure(group, runs, "val/acc", "seconds", ("training time (min)", "validation accuracy (%)",
-                          "validation accuracy against time"), scale=100, x_scale=1 / 60, style="o-")
+                          "validation accuracy against time"), scale=100, x_scale=1 / 60, marker="o")
 
 
 def _fmt(value: float | None, spec: str) -> str:

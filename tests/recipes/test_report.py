@@ -113,7 +113,7 @@ def test_pareto_front_conflict_and_curves_from_a_sweep(sweep, tmp_path):
                                                                                                     "upgrad"]
     assert list(conflict.lines[0].get_xdata()) == [100, 200]
     heatmap = made["pareto"]["pcgrad_heatmap"].axes[0]
-    assert heatmap.get_title() == "pareto/pcgrad: task-gradient cosine, step 200"
+    assert heatmap.get_title() == "pareto/pcgrad\ntask-gradient cosine, step 200"
     assert heatmap.images[0].get_array().flatten().tolist() == pytest.approx([1.0, 0.4, 0.4, 1.0])
     assert [t.get_text() for t in heatmap.get_xticklabels()] == ["left", "right"]
     # few-shot: the worst family's column, "-" where a run has no families, and the validation curves
@@ -258,3 +258,11 @@ def test_benchmark_results_become_the_benchmarks_page_and_the_readme_speed_rows(
     (sweep / "benchmarks" / "old.json").write_text(json.dumps({"runs": []}))  # a script's output of before
     with pytest.raises(ValueError, match="old.json has no 'record' and 'tables'"):
         report.main([str(sweep), "--out", str(tmp_path / "results.md"), "--figures", "", "--benchmarks", str(page)])
+
+
+@pytest.mark.parametrize("n", [3, 14, 25])
+def test_every_series_of_a_figure_has_a_style_of_its_own(n):
+    """14 methods in one figure (matplotlib's default cycle repeats after 10): no two share colour and line style."""
+    styles = report.series_styles(n)
+    assert len(styles) == n and len(set(styles)) == n
+    assert len({colour for colour, _ in styles}) == min(n, 10 if n <= 10 else 20)
