@@ -319,14 +319,13 @@ def tables(results: dict) -> list[dict]:
 
 
 def headline(results: dict) -> list[list[str]]:
-    """One line per measured row for the README: our step against the raw loop's and learn2learn's."""
-    lines = []
+    """One line per method for the README: at each precision, our step against the raw loop's and learn2learn's."""
+    lines: dict[str, list[str]] = {}
     for r in results["runs"]:
-        peer = (f"; {r['speedup_vs_learn2learn']:.2f}× learn2learn's episodes/s"
+        peer = (f", {r['speedup_vs_learn2learn']:.2f}× learn2learn's speed"
                 if r["speedup_vs_learn2learn"] is not None else "")
-        lines.append([f"{r['method']}, {r['precision']}: training step",
-                      f"{r['ratio']:.2f}× the raw loop's time{peer}"])
-    return lines
+        lines.setdefault(r["method"], []).append(f"{r['precision']}: {r['ratio']:.2f}× the raw loop's time{peer}")
+    return [[f"{method}: training step", "; ".join(parts)] for method, parts in lines.items()]
 
 
 def save(path: str | None, results: dict) -> None:

@@ -68,6 +68,9 @@ def test_benchmark_runs_against_learn2learn(layout, l2l, tmp_path):
     assert len(steps["rows"]) == len(runs) and all(len(r) == len(steps["columns"]) for r in steps["rows"])
     assert [r[4] for r in steps["rows"]] == [r["ratio"] for r in results["runs"]]
     assert [r[4] for r in targets["rows"]] == verdicts
+    assert [h[0] for h in results["headline"]] == [f"{m}: training step" for m in dict.fromkeys(
+        r["method"] for r in results["runs"])]  # one README row per method, its precisions in it
+    assert all(h[1].startswith("32: ") and "learn2learn's speed" in h[1] for h in results["headline"])
 
 
 def test_targets_come_from_the_measured_rows():

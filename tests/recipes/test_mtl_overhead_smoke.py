@@ -91,6 +91,10 @@ def test_tiny_run_reports_methods_architectures_and_peers(tmp_path, capsys):
     assert len(methods["rows"]) == len(hard) and {r[0] for r in methods["rows"]} >= {"torch:equal", "torchjd:upgrad"}
     assert [r[0] for r in archs["rows"]] == [key[3] for key in runs if key[0] == "ours" and key[1] == "equal"]
     assert all(r[4].startswith("1 (") for r in archs["rows"])
+    jd = runs[("ours", "upgrad", "parameter", "HardSharing")]["ratio_vs_torchjd"]
+    assert results["headline"][0] == [f"aggregators on hard sharing, K = {K}: step against torchjd's",
+                                      f"upgrad {jd:.2f}×"]
+    assert len(results["headline"]) == 1 + libmtl["available"]
 
 
 class _Twice(Architecture):
