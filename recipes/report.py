@@ -253,7 +253,7 @@ def history_figure(group: str, runs: list[Run], key: str, x: str, labels: tuple[
                 color=colour, markersize=3, label=r.name)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
-    ax.set_title(f"{group}: {labels[2]}")
+    ax.set_title(f"{group}: {labels[2]}", fontsize=10)
     ax.legend(fontsize=6, ncol=1 + len(drawn) // 10)
     figure.tight_layout()
     return figure
