@@ -69,12 +69,19 @@ class MGDA(TorchJDAggregator):
 
 
 def min_norm_weights(matrix: Tensor) -> Tensor:
-    """``argmin_{a in simplex} ||a^T matrix||^2`` for a ``(K, D)`` matrix, solved exactly on the float64 Gramian.
+    """``argmin_{a in simplex} ||a^T matrix||^2`` for a ``(K, D)`` matrix, solved exactly on the Gramian.
 
-    The Gramian is scaled by its trace (the solution does not change) and given a ridge of 1e-12 so that the QP is
-    strictly convex when gradients are linearly dependent.
+    The ``(K, K)`` Gramian is computed in the matrix's precision (at least float32, as torchjd and LibMTL do: a
+    float64 copy of a ``(K, D)`` matrix of a million parameters cost more than the rest of the step), then solved in
+    float64: made symmetric positive semi-definite (eigenvalues clamped at 0, removing the product's rounding),
+    scaled by its trace (the solution does not change) and given a ridge of 1e-12 so that the QP is strictly convex
+    when gradients are linearly dependent.
     """
-    gram = (matrix.double() @ matrix.double().T).cpu()  # (K, K)
+    m = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    gram = (m @ m.T).double().cpu()  # (K, K)
+    gram = (gram + gram.T) / 2
+    values, vectors = torch.linalg.eigh(gram)
+    gram = (vectors * values.clamp_min(0)) @ vectors.T
     k = gram.shape[0]
     scale = float(gram.trace()) / k
     if not scale > 0:  # every gradient is zero: any point is optimal

@@ -64,3 +64,19 @@ def test_mgda_min_norm_point_analytic():
     torch.testing.assert_close(out, torch.tensor([0.5, 0.5]), atol=1e-6, rtol=0)
     assert three.weights.sum().item() == pytest.approx(1.0) and (three.weights >= 0).all()
     torch.testing.assert_close(mgda(torch.zeros(2, 3)), torch.zeros(3))  # all zero: any point, no NaN
+
+
+def test_mgda_from_a_float32_gramian_matches_the_float64_solution_even_for_dependent_gradients():
+    """The Gramian is taken in float32 (a float64 copy of a (K, D) matrix was the step's largest cost); with
+    linearly dependent rows (g1 = 2 g0, g3 = g0 + g2) its rounding must not break the QP nor move the weights."""
+    from lightning_mtl.mtl.balancing.aggregators import min_norm_weights
+
+    g = torch.randn(2, 200_000, generator=torch.Generator().manual_seed(0))
+    g[1] -= (g[1] @ g[0]) / (g[0] @ g[0]) * g[0] * 1.3  # the two base directions conflict
+    matrix = torch.stack([g[0], 2 * g[0], g[1], g[0] + g[1]])
+    weights = min_norm_weights(matrix)
+    reference = min_norm_weights(matrix.double())
+    assert weights.sum().item() == pytest.approx(1.0) and (weights >= 0).all()
+    direction, exact = weights.double() @ matrix.double(), reference @ matrix.double()
+    assert direction.norm().item() == pytest.approx(exact.norm().item(), rel=1e-5)
+    assert ((direction - exact).norm() / exact.norm()).item() < 1e-3  # the min-norm point is unique; weights are not
