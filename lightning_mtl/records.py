@@ -1,6 +1,6 @@
 """What a measurement records about itself, so that a report can say how each number was made.
 
-A recipe's fit writes ``run.json`` (:meth:`lightning_mtl.cli.RecipeCLI` uses :func:`provenance`); a benchmark script
+A recipe's fit writes ``run.json`` (with :func:`code_revision` and :func:`hardware`); a benchmark script
 writes its results with a ``record`` block (:func:`provenance`) and the ``tables`` a reader sees (:func:`table`),
 which ``recipes/report.py`` renders into ``docs/benchmarks.md``::
 
@@ -30,9 +30,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 def code_revision(root: str | Path | None = None,
                   paths: tuple[str, ...] = ("lightning_mtl", "datamodules", "recipes")) -> str | None:
     """The short commit of the checkout at ``root`` (default: the library's own), with ``-dirty`` when tracked files
-    under ``paths`` differ from it: the code a run is about to use. ``None`` outside a git checkout (an installed
-    wheel) or without git."""
-    root = REPOSITORY if root is None else Path(root)
+    under ``paths`` differ from it: the code a run is about to use. ``None`` without git or outside a source checkout
+    (an installed wheel, whose site-packages may lie inside a user's own repository: that commit is not ours)."""
+    if root is None:
+        if not (REPOSITORY / "pyproject.toml").is_file():
+            return None
+        root = REPOSITORY
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10,

@@ -266,3 +266,20 @@ def test_every_series_of_a_figure_has_a_style_of_its_own(n):
     styles = report.series_styles(n)
     assert len(styles) == n and len(set(styles)) == n
     assert len({colour for colour, _ in styles}) == min(n, 10 if n <= 10 else 20)
+
+
+def test_an_installed_copy_inside_another_repository_names_no_commit(tmp_path, monkeypatch):
+    """site-packages inside a user's own git repository: that repository's commit is not the library's code."""
+    import shutil
+    import subprocess
+
+    import lightning_mtl.records as records
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    site = tmp_path / ".venv" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(records, "REPOSITORY", site)
+    assert records.code_revision() is None
+    assert records.code_revision(REPO) is not None or not (REPO / ".git").exists()
