@@ -50,6 +50,12 @@ from lightning_mtl.figures import _pyplot  # noqa: E402
 from lightning_mtl.history import read_history  # noqa: E402
 
 
+def hardware_cell(record: dict) -> str:
+    """``record``'s hardware with its torch threads (a run's ``run.json`` or a benchmark's ``record``)."""
+    hardware, threads = record.get("hardware", "-"), record.get("torch_threads")
+    return hardware if threads is None else f"{hardware}, {threads} thread{'s' if threads != 1 else ''}"
+
+
 @dataclass
 class Run:
     """One tested run: its metrics, configuration and fit record."""
@@ -89,8 +95,7 @@ class Run:
 
     def hardware(self) -> str:
         """Where the fit ran, with its torch threads (``run.json``)."""
-        hardware, threads = self.record.get("hardware", "-"), self.record.get("torch_threads")
-        return hardware if threads is None else f"{hardware}, {threads} thread{'s' if threads != 1 else ''}"
+        return hardware_cell(self.record)
 
     def describe(self) -> str:
         """The model in a few words: class, architecture, balancer (from the resolved configuration)."""
@@ -425,9 +430,8 @@ class Benchmark:
     headline: list[list[str]]
 
     def hardware(self) -> str:
-        threads = self.record.get("torch_threads")
-        return f"{self.record.get('hardware', '-')}" + (f", {threads} thread{'s' if threads != 1 else ''}"
-                                                         if threads is not None else "")
+        """Where the benchmark ran, with its torch threads (its ``record``)."""
+        return hardware_cell(self.record)
 
 
 def find_benchmarks(root: str | Path) -> list[Benchmark]:
