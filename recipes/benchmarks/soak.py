@@ -223,6 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # read before the soak: the checkout may change during a long one ("auto": the device the Trainer will pick)
+    record = provenance(["recipes/benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)],
+                        accelerator=(None if args.accelerator == "auto" else args.accelerator) if args.train else "cpu")
     for noise in (".*does not have many workers.*", ".*LeafSpec.*", ".*`IterableDataset` has `__len__`.*",
                   ".*transfer_batch_to_device.*", ".*val_dataloader.*"):
         warnings.filterwarnings("ignore", message=noise)
@@ -289,8 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "passed": all(checks.values()),
         "samples": [{k: round(v, 1) if isinstance(v, float) else v for k, v in s.items()} for s in soak.samples],
     }
-    summary["record"] = provenance(["recipes/benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)],
-                                   accelerator=args.accelerator if args.train else "cpu")
+    summary["record"] = record
     summary["tables"] = tables(summary)
     stream, rss, pss = summary["training_stream"], memory["rss_total"], memory["pss_total"]
     summary["headline"] = [[
