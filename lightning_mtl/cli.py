@@ -713,6 +713,7 @@ class RecipeCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._resolve_ckpt_path()
+        self._test_revision = code_revision()
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
@@ -723,9 +724,10 @@ class RecipeCLI(LightningCLI):
         self._fit_started = time.time()
         self._fit_revision = code_revision()  # read now: the working tree may change while a long fit runs
 
-    def _write_run_record(self) -> None:
-        """``run.json`` beside the checkpoints: what ``recipes/report.py`` needs to tell how a result was made (command,
-        hardware, precision, versions, commit, steps, wall time of the fit)."""
+    def _write_record(self, name: str, **fields) -> None:
+        """A record beside the checkpoints (``run.json`` for a fit, ``test.json`` for a test): what
+        ``recipes/report.py`` needs to tell how a result was made (command, hardware, precision, versions, commit)
+        and ``fields`` (a fit's steps and wall time, a test's checkpoint)."""
         import time
 
         dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
@@ -734,15 +736,30 @@ class RecipeCLI(LightningCLI):
         device = self.trainer.strategy.root_device
         record = {
             "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *getattr(self, "_raw_args", [])]),
-            "subcommand": "fit", "global_step": int(self.trainer.global_step),
-            "fit_seconds": round(time.time() - getattr(self, "_fit_started", time.time()), 1),
+            "subcommand": self.subcommand, **fields,
             "precision": str(self.trainer.precision), "devices": int(self.trainer.world_size),
             "hardware": hardware("cuda" if device.type == "cuda" else "cpu"), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "lightning": lightning_version, "commit": getattr(self, "_fit_revision", None),
+            "torch": torch.__version__, "lightning": lightning_version,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         Path(dirpath).mkdir(parents=True, exist_ok=True)
-        (Path(dirpath) / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        (Path(dirpath) / name).write_text(json.dumps(record, indent=2) + "\n")
+
+    def _write_run_record(self) -> None:
+        import time
+
+        self._write_record("run.json", global_step=int(self.trainer.global_step),
+                           fit_seconds=round(time.time() - getattr(self, "_fit_started", time.time()), 1),
+                           commit=getattr(self, "_fit_revision", None))
+
+    def _write_test_record(self) -> None:
+        """``test.json``: the test's own record, with the checkpoint it tested (``None``: the model as configured,
+        e.g. a frozen pre-trained embedding that is tested without a fit of its own)."""
+        tested = self.trainer.ckpt_path
+        if tested is not None:
+            path = Path(tested).resolve()
+            tested = path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else path.as_posix()
+        self._write_record("test.json", ckpt_path=tested, commit=getattr(self, "_test_revision", None))
 
     # these hooks run only when the subcommand has returned on this rank: end the process group (see end_distributed)
     def after_fit(self) -> None:
@@ -763,6 +780,7 @@ class RecipeCLI(LightningCLI):
         dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
         if dirpath is not None and self.trainer.is_global_zero:
             self._write_test_metrics(Path(dirpath).parent / "test_metrics.json")
+            self._write_test_record()
         end_distributed()
 
     def _write_test_metrics(self, out: Path) -> None:

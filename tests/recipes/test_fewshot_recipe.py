@@ -388,6 +388,11 @@ def test_a_users_own_episodic_datamodule_runs_through_the_recipe(tmp_path):
     from lightning_mtl.records import code_revision
 
     assert record["commit"] == code_revision()  # read when the fit started (None outside a git checkout)
+    tested = json.loads((tmp_path / "runs" / "glyphs" / "checkpoints" / "test.json").read_text())
+    assert tested["subcommand"] == "test" and tested["commit"] == record["commit"]
+    (best,) = (tmp_path / "runs" / "glyphs" / "checkpoints").glob("best*.ckpt")  # one validation, one best
+    assert tested["ckpt_path"] == f"runs/glyphs/checkpoints/{best.name}"
+    assert tested["command"].endswith("test --ckpt_path=best --config glyphs.yaml --data.episodes.test_episodes=24")
 
 
 @pytest.mark.parametrize(("config", "ways", "image_shape"), [

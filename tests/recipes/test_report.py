@@ -50,6 +50,12 @@ def runs(tmp_path) -> Path:
               protonet, {**record, "command": "python recipes/fewshot.py fit"})
     write_run(root, "omniglot", "maml_quick", {"test/acc": 0.95, "test/acc_ci95": 0.006, "test/episodes": 1000},
               {"class_path": "lightning_mtl.meta.MAML", "init_args": {"meta_balancer": "pcgrad"}})
+    # tested without a fit of its own (a frozen pre-trained embedding): test.json is its record
+    write_run(root, "omniglot", "embedding_quick", {"test/acc": 0.94, "test/acc_ci95": 0.004, "test/episodes": 1000},
+              {"class_path": "lightning_mtl.meta.EmbeddingBaseline", "init_args": {}})
+    test_record = {"subcommand": "test", "ckpt_path": None, "precision": "32-true", "hardware": "2 CPU cores",
+                   "torch_threads": 2, "commit": "def5678", "command": "python recipes/fewshot.py test --config e.yaml"}
+    (root / "omniglot" / "embedding_quick" / "checkpoints" / "test.json").write_text(json.dumps(test_record))
     return root
 
 
@@ -155,6 +161,9 @@ def test_tables_are_computed_from_the_runs(runs, tmp_path):
     assert "| `subset_quick` | MultiTaskModule, HardSharing, equal | 1 | 16.00% | 20.00% | +5.00 | - | - | 32 |" in text
     assert "| `protonet_quick` | ProtoNet | 97.00% | ± 0.40% | 1000 | 1500 | 10 min 15 s | 32-true |" in text
     assert "| `maml_quick` | MAML, pcgrad | 95.00% | ± 0.60% | 1000 | - | - | 32 |" in text
+    assert ("| `embedding_quick` | EmbeddingBaseline | 94.00% | ± 0.40% | 1000 | - | test only | 32-true "
+            "| 2 CPU cores, 2 threads | def5678 |") in text
+    assert "    python recipes/fewshot.py test --config e.yaml" in text
     assert "    python recipes/multitask.py fit --config x.yaml" in text
     for name in ("alphabets_per_task_error", "alphabets_delta_m", "omniglot_accuracy"):
         assert (tmp_path / "docs" / "figures" / f"{name}.png").stat().st_size > 1000
