@@ -311,7 +311,12 @@ def val_curve_figure(group: str, runs: list[Run]):
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value if round(value, 2) else 0.0, spec)
+    """``value`` formatted by ``spec``; "-" for ``None``, and a value that rounds to zero at that precision written
+    as zero (no "-0.00")."""
+    if value is None:
+        return "-"
+    text = format(value, spec)
+    return format(0.0, spec) if float(text) == 0 else text
 
 
 def multitask_table(runs: list[Run], rows: list[dict]) -> list[str]:

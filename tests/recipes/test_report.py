@@ -185,7 +185,7 @@ def test_figures_have_the_expected_axes_and_series(runs, tmp_path):
     assert [round(p.get_height(), 6) for p in delta.patches] == [0.0, 0.0, 5.0]
     assert accuracy.get_ylabel() == "test accuracy (%), 95% CI"
     line = accuracy.lines[0]
-    assert list(line.get_ydata()) == pytest.approx([95.0, 97.0])  # runs sorted by name: maml, protonet
+    assert list(line.get_ydata()) == pytest.approx([94.0, 95.0, 97.0])  # by name: embedding, maml, protonet
 
 
 def test_an_empty_runs_folder_says_what_to_do(tmp_path):
@@ -292,3 +292,12 @@ def test_an_installed_copy_inside_another_repository_names_no_commit(tmp_path, m
     monkeypatch.setattr(records, "REPOSITORY", site)
     assert records.code_revision() is None
     assert records.code_revision(REPO) is not None or not (REPO / ".git").exists()
+
+
+@pytest.mark.parametrize(("value", "spec", "text"), [
+    (-0.0010, "+.3f", "-0.001"), (-0.0004, "+.3f", "+0.000"), (-0.004, "+.2f", "+0.00"), (0.0071, "+.3f", "+0.007"),
+    (17.404, ".2f", "17.40"), (None, ".2f", "-")])
+def test_table_numbers_keep_their_sign_at_their_precision(value, spec, text):
+    """A small mean cosine keeps its sign at three decimals (it was rounded to zero at two); only a value that rounds
+    to zero at the table's precision is written as zero, without a minus sign."""
+    assert report._fmt(value, spec) == text
