@@ -10,12 +10,12 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from jsonargparse import DefaultHelpFormatter
-from lightning import __version__ as lightning_version
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
@@ -27,7 +27,7 @@ from lightning_mtl.callbacks import NonFiniteGuard
 from lightning_mtl.checkpointing import AtomicCheckpointIO, RecipeCheckpoint, RNGStates
 from lightning_mtl.history import MetricsHistory
 from lightning_mtl.progress import IntervalBar, LineProgress
-from lightning_mtl.records import code_revision, hardware
+from lightning_mtl.records import provenance
 
 
 def resolve_checkpoint_alias(ckpt_path: str | None, dirpath: str | None) -> str | None:
@@ -713,44 +713,37 @@ class RecipeCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._resolve_ckpt_path()
-        self._test_revision = code_revision()
+        self._record = self._provenance()
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
 
     def before_fit(self) -> None:
-        import time
-
         self._fit_started = time.time()
-        self._fit_revision = code_revision()  # read now: the working tree may change while a long fit runs
+        self._record = self._provenance()  # read now: the working tree may change while a long fit runs
+
+    def _provenance(self) -> dict:
+        """:func:`lightning_mtl.records.provenance` of this command, on the device the Trainer uses."""
+        device = self.trainer.strategy.root_device
+        return provenance([sys.argv[0], *getattr(self, "_raw_args", [])],
+                          accelerator="cuda" if device.type == "cuda" else "cpu")
 
     def _write_record(self, name: str, **fields) -> None:
         """A record beside the checkpoints (``run.json`` for a fit, ``test.json`` for a test): what
-        ``recipes/report.py`` needs to tell how a result was made (command, hardware, precision, versions, commit)
-        and ``fields`` (a fit's steps and wall time, a test's checkpoint)."""
-        import time
-
+        ``recipes/report.py`` needs to tell how a result was made (the command's :meth:`_provenance`, read when it
+        started; precision and devices) and ``fields`` (a fit's steps and wall time, a test's checkpoint)."""
         dirpath = self.config_init[self.subcommand]["checkpoint"].dirpath
         if dirpath is None or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
             return
-        device = self.trainer.strategy.root_device
-        record = {
-            "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *getattr(self, "_raw_args", [])]),
-            "subcommand": self.subcommand, **fields,
-            "precision": str(self.trainer.precision), "devices": int(self.trainer.world_size),
-            "hardware": hardware("cuda" if device.type == "cuda" else "cpu"), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "lightning": lightning_version,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        record = {**(getattr(self, "_record", None) or self._provenance()), "subcommand": self.subcommand, **fields,
+                  "precision": str(self.trainer.precision), "devices": int(self.trainer.world_size),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         Path(dirpath).mkdir(parents=True, exist_ok=True)
         (Path(dirpath) / name).write_text(json.dumps(record, indent=2) + "\n")
 
     def _write_run_record(self) -> None:
-        import time
-
         self._write_record("run.json", global_step=int(self.trainer.global_step),
-                           fit_seconds=round(time.time() - getattr(self, "_fit_started", time.time()), 1),
-                           commit=getattr(self, "_fit_revision", None))
+                           fit_seconds=round(time.time() - getattr(self, "_fit_started", time.time()), 1))
 
     def _write_test_record(self) -> None:
         """``test.json``: the test's own record, with the checkpoint it tested (``None``: the model as configured,
@@ -759,7 +752,7 @@ class RecipeCLI(LightningCLI):
         if tested is not None:
             path = Path(tested).resolve()
             tested = path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else path.as_posix()
-        self._write_record("test.json", ckpt_path=tested, commit=getattr(self, "_test_revision", None))
+        self._write_record("test.json", ckpt_path=tested)
 
     # these hooks run only when the subcommand has returned on this rank: end the process group (see end_distributed)
     def after_fit(self) -> None:

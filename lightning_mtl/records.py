@@ -1,8 +1,8 @@
 """What a measurement records about itself, so that a report can say how each number was made.
 
-A recipe's fit writes ``run.json`` (with :func:`code_revision` and :func:`hardware`); a benchmark script
-writes its results with a ``record`` block (:func:`provenance`) and the ``tables`` a reader sees (:func:`table`),
-which ``recipes/report.py`` renders into ``docs/benchmarks.md``::
+A recipe writes ``run.json`` for a fit and ``test.json`` for a test (:func:`provenance` with the run's steps or the
+checkpoint tested); a benchmark script writes its results with a ``record`` block (:func:`provenance`) and the
+``tables`` a reader sees (:func:`table`), which ``recipes/report.py`` renders into ``docs/benchmarks.md``::
 
     results = {"record": provenance(), "tables": [table("Step time", ["method", "ms"], [["equal", 3.2]])]}
     write_json("runs/benchmarks/mtl_overhead.json", results)
